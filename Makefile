@@ -1,0 +1,65 @@
+# Every target creates .venv and installs what it needs first (exact versions from
+# requirements/constraints.txt), so a fresh clone needs nothing but python3 >= 3.11.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# The machine's PostgreSQL for the second test pass; the first pass uses the embedded pgserver.
+TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
+PYTEST_ARGS ?=
+
+.PHONY: run test venv lint typecheck protos check-protos test-embedded test-external tools migration clean
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+## make run: start the control service and one discovery worker on the embedded PostgreSQL.
+run: venv
+	$(PY) -m imagetraining.devrun
+
+## make test: lint, type check, contract lint, then the whole suite on both databases.
+test: venv tools lint typecheck test-embedded test-external
+
+# docker-compose (Debian's package) validates compose.yaml without an engine; installed when missing
+# and possible (root with apt-get), otherwise that one test is skipped with a reason.
+tools:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -qq docker-compose >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq docker-compose >/dev/null 2>&1)) || \
+	    echo "note: could not install docker-compose; the compose test will be skipped"; \
+	  fi; }
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/buf lint
+
+typecheck: venv
+	$(BIN)/mypy imagetraining control_service discovery_worker
+
+test-embedded: venv
+	env -u IMAGETRAINING_TEST_DATABASE_URL $(BIN)/pytest $(PYTEST_ARGS)
+
+test-external: venv
+	@if $(PY) -c "import asyncio, asyncpg, sys; asyncio.run(asyncpg.connect('$(TEST_DATABASE_URL)', timeout=3))" 2>/dev/null; then \
+	  IMAGETRAINING_TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/pytest $(PYTEST_ARGS); \
+	elif [ -n "$$CI" ]; then echo "CI: PostgreSQL at $(TEST_DATABASE_URL) is not reachable" >&2; exit 1; \
+	else echo "skipping the external-PostgreSQL pass: $(TEST_DATABASE_URL) is not reachable (set TEST_DATABASE_URL)"; fi
+
+## make protos: regenerate imagetraining/v1 from protos/ (commit the result).
+protos: venv
+	$(PY) scripts/gen_protos.py
+
+## make migration MSG="...": autogenerate an Alembic revision (DATABASE_URL: a scratch database).
+migration: venv
+	$(PY) scripts/new_migration.py $(MSG)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

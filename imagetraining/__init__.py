@@ -1,0 +1,1 @@
+"""Shared code of the imagetraining services: stubs, settings, errors, database, conversions."""

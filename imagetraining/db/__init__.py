@@ -1,0 +1,1 @@
+"""PostgreSQL: models, engine (embedded pgserver or DATABASE_URL) and Alembic migrations."""

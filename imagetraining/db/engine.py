@@ -1,0 +1,96 @@
+"""Where the database is: `DATABASE_URL`, or an embedded PostgreSQL started from `pgserver`.
+
+One dialect everywhere: the embedded default is a real PostgreSQL (from the pgserver wheel) in a
+local data directory, so tests, laptops and production run the same SQL. Several processes given
+the same data directory share one server; pgserver stops it when the last one exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from imagetraining.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_embedded: dict[Path, Any] = {}
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Start (or join) the embedded server in data_dir; return its postgresql:// URL. Blocking."""
+    import pgserver
+
+    data_dir = data_dir.expanduser().resolve()
+    if data_dir not in _embedded:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        _embedded[data_dir] = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
+    uri: str = _embedded[data_dir].get_uri()
+    return uri
+
+
+def to_asyncpg_url(url: str) -> str:
+    """postgres://, postgresql:// -> postgresql+asyncpg:// (SQLAlchemy's asyncpg dialect)."""
+    scheme, rest = url.split("://", 1)
+    if scheme in ("postgres", "postgresql"):
+        scheme = "postgresql+asyncpg"
+    return f"{scheme}://{rest}"
+
+
+def to_libpq_url(url: str) -> str:
+    """The plain postgresql:// form that asyncpg.connect() takes (for LISTEN connections)."""
+    _scheme, rest = url.split("://", 1)
+    return f"postgresql://{rest}"
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server, another database name."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+def with_query(url: str, **params: str) -> str:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.update(params)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+async def resolve_url(settings: Settings) -> str:
+    """The postgresql:// URL to use; starts the embedded server (in a thread) when none is set."""
+    if settings.database_url:
+        return to_libpq_url(settings.database_url)
+    url = await asyncio.to_thread(start_embedded, settings.data_dir / "pgdata")
+    log.info("embedded PostgreSQL in %s", settings.data_dir / "pgdata")
+    return url
+
+
+@dataclass
+class Database:
+    """An async engine and session factory plus the plain URL (for raw asyncpg LISTEN connections)."""
+
+    url: str
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+
+    @classmethod
+    def connect(cls, url: str, *, pool_size: int = 10, max_overflow: int = 20) -> Database:
+        engine = create_async_engine(
+            to_asyncpg_url(url),
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+        )
+        return cls(
+            url=to_libpq_url(url), engine=engine, sessions=async_sessionmaker(engine, expire_on_commit=False)
+        )
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,235 @@
+"""SQLAlchemy 2.0 models: the source of truth and the work queue.
+
+States are stored as short text with CHECK constraints (readable in psql, easy to migrate).
+Counters live on the session row so that progress reads are one primary-key lookup; the worker
+advances them in the same transaction as the rows they count, so they never disagree with the
+jobs table after a crash.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class SessionState(enum.StrEnum):
+    PENDING = "pending"
+    DISCOVERING = "discovering"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+TERMINAL_STATES = frozenset({SessionState.COMPLETED, SessionState.CANCELLED, SessionState.FAILED})
+ACTIVE_STATES = frozenset({SessionState.DISCOVERING, SessionState.RUNNING})
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+def _check_in(column: str, values: type[enum.StrEnum]) -> str:
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
+def _now() -> Any:
+    return func.now()
+
+
+class TrainingSession(Base):
+    __tablename__ = "training_sessions"
+    __table_args__ = (
+        CheckConstraint(_check_in("state", SessionState), name="state"),
+        CheckConstraint(
+            "resume_state IS NULL OR resume_state IN ('discovering', 'running')", name="resume_state"
+        ),
+        Index("ix_training_sessions_claimable", "state", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(200))
+    root_path: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), server_default=SessionState.PENDING.value)
+    state_reason: Mapped[str] = mapped_column(Text, server_default="")
+    # Where PAUSED goes back to on Resume.
+    resume_state: Mapped[str | None] = mapped_column(String(16))
+    # RESTART_SCOPE of the current run: 'all' or 'failed_only'.
+    run_scope: Mapped[str] = mapped_column(String(16), server_default="all")
+    # {"extensions": [...], "recursive": bool, "batch_size": int}
+    config: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    create_request_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+
+    # Discovery counters (cumulative for the current run).
+    directories_scanned: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    files_seen: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    images_found: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    assets_new: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    assets_changed: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    assets_unchanged: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    unreadable_paths: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    current_directory: Mapped[str] = mapped_column(Text, server_default="")
+    total_final: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Opaque walk checkpoint (e.g. the last directory fully written), for resume after a crash.
+    discovery_checkpoint: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    discovery_started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    discovery_finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    # Training counters.
+    total_images: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    processed_images: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    failed_images: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    skipped_images: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # Seconds spent RUNNING (excluding pauses), for the rate and ETA.
+    training_seconds: Mapped[float] = mapped_column(server_default="0")
+
+    # Lease / fencing (written by workers; see discovery_worker.claims).
+    owner_id: Mapped[str | None] = mapped_column(String(200))
+    owner_address: Mapped[str | None] = mapped_column(String(300))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    epoch: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # High-water mark of stream sequences, so a new owner or a restarted control continues above it.
+    event_sequence: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+    create_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    update_time: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=_now(), onupdate=_now()
+    )
+    start_time: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    end_time: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    subdirectories: Mapped[list[SessionSubdirectory]] = relationship(
+        back_populates="session",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="SessionSubdirectory.path",
+    )
+
+
+class SessionSubdirectory(Base):
+    __tablename__ = "session_subdirectories"
+    __table_args__ = (UniqueConstraint("session_id", "path", name="uq_session_subdirectories_session_path"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("training_sessions.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)
+    selected: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Recursive counts from the last discovery (the seed counted only direct children).
+    image_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    trained_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+    session: Mapped[TrainingSession] = relationship(back_populates="subdirectories")
+
+
+class ImageAsset(Base):
+    """One file on disk, shared by every session that covers it."""
+
+    __tablename__ = "image_assets"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    perceptual_hash: Mapped[str | None] = mapped_column(String(64))
+    hash_algorithm: Mapped[str | None] = mapped_column(String(32))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(String(16))
+    # What the trainer returned (small: features, embeddings summary...).
+    features: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # (size, mtime_ns) the hash was computed from; differs from the row's when the file changed.
+    hashed_size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    hashed_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    first_seen_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    update_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class TrainingJob(Base):
+    """One image in one session."""
+
+    __tablename__ = "training_jobs"
+    __table_args__ = (
+        UniqueConstraint("session_id", "asset_id", name="uq_training_jobs_session_asset"),
+        CheckConstraint(_check_in("state", JobState), name="state"),
+        Index("ix_training_jobs_session_state", "session_id", "state", "id"),
+        Index("ix_training_jobs_asset_id", "asset_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("training_sessions.id", ondelete="CASCADE"))
+    asset_id: Mapped[int] = mapped_column(ForeignKey("image_assets.id", ondelete="CASCADE"))
+    # The selected subdirectory this image was found under (for per-subdirectory counts).
+    subdirectory_id: Mapped[int | None] = mapped_column(
+        ForeignKey("session_subdirectories.id", ondelete="SET NULL")
+    )
+    state: Mapped[str] = mapped_column(String(16), server_default=JobState.PENDING.value)
+    error_class: Mapped[str] = mapped_column(String(32), server_default="")
+    error_message: Mapped[str] = mapped_column(Text, server_default="")
+    skip_reason: Mapped[str] = mapped_column(Text, server_default="")
+    duplicate_of_asset_id: Mapped[int | None] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    create_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    update_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class DiscoveryIssue(Base):
+    """A directory or file the walk could not read: recorded with the reason, then skipped."""
+
+    __tablename__ = "discovery_issues"
+    __table_args__ = (UniqueConstraint("session_id", "path", name="uq_discovery_issues_session_path"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("training_sessions.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    create_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class IdempotencyKey(Base):
+    """The first answer to a request_id, returned again on a retry."""
+
+    __tablename__ = "idempotency_keys"
+
+    method: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    session_id: Mapped[int | None] = mapped_column(BigInteger)
+    response: Mapped[bytes] = mapped_column(LargeBinary)
+    create_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())

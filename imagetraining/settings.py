@@ -1,0 +1,232 @@
+"""Typed settings read once from the environment and validated at start.
+
+A bad or missing variable stops the process with one line naming it (`SettingsError`), instead of a
+stack trace minutes later inside a request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imagetraining.formats import DEFAULT_EXTENSIONS
+
+
+class SettingsError(Exception):
+    """An environment variable is missing or malformed; the message names it."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+def _default_data_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("imagetraining", appauthor=False))
+
+
+@dataclass(frozen=True)
+class Settings:
+    library_roots: tuple[Path, ...]
+    database_url: str | None = None
+    data_dir: Path = field(default_factory=_default_data_dir)
+    control_address: str = "127.0.0.1:50051"
+    worker_address: str = "127.0.0.1:50052"
+    # The address the control service dials to reach this worker (defaults to worker_address).
+    worker_advertise_address: str | None = None
+    log_level: str = "INFO"
+    # Limits of ScanDirectory / ValidateSession counting.
+    scan_max_files: int = 200_000
+    scan_max_seconds: float = 10.0
+    # Worker.
+    worker_id: str | None = None
+    batch_size: int = 2000
+    pool_size: int = 0  # 0: os.cpu_count()
+    lease_seconds: float = 10.0
+    heartbeat_seconds: float = 2.0
+    poll_seconds: float = 2.0
+    max_attempts: int = 5
+    max_sessions_per_worker: int = 2
+    trainer: str = "discovery_worker.trainer:DefaultTrainer"
+    max_file_bytes: int = 100 * 1024 * 1024
+    max_image_pixels: int = 100_000_000
+    # Streams.
+    max_subscribers: int = 2000
+    subscriber_idle_seconds: float = 30.0
+    # Shutdown grace for in-flight RPCs.
+    grace_seconds: float = 5.0
+    # Optional bearer token required in `authorization` metadata (health and reflection stay open).
+    auth_token: str | None = None
+    # Optional TLS for both servers (PEM files); the control service uses the CA file to dial workers.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    default_extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+
+    @property
+    def advertised_worker_address(self) -> str:
+        return self.worker_advertise_address or self.worker_address
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        p = _Parser(env)
+        return cls(
+            library_roots=p.roots("IMAGETRAINING_LIBRARY_ROOTS"),
+            database_url=p.database_url("DATABASE_URL"),
+            data_dir=p.path("IMAGETRAINING_DATA_DIR", _default_data_dir()),
+            control_address=p.address("IMAGETRAINING_CONTROL_ADDRESS", "127.0.0.1:50051"),
+            worker_address=p.address("IMAGETRAINING_WORKER_ADDRESS", "127.0.0.1:50052"),
+            worker_advertise_address=p.optional_address("IMAGETRAINING_WORKER_ADVERTISE_ADDRESS"),
+            log_level=p.choice("IMAGETRAINING_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            scan_max_files=p.integer("IMAGETRAINING_SCAN_MAX_FILES", 200_000, 1, 10_000_000),
+            scan_max_seconds=p.number("IMAGETRAINING_SCAN_MAX_SECONDS", 10.0, 0.1, 300.0),
+            worker_id=env.get("IMAGETRAINING_WORKER_ID") or None,
+            batch_size=p.integer("IMAGETRAINING_BATCH_SIZE", 2000, 100, 10_000),
+            pool_size=p.integer("IMAGETRAINING_POOL_SIZE", 0, 0, 256),
+            lease_seconds=p.number("IMAGETRAINING_LEASE_SECONDS", 10.0, 1.0, 3600.0),
+            heartbeat_seconds=p.number("IMAGETRAINING_HEARTBEAT_SECONDS", 2.0, 0.1, 600.0),
+            poll_seconds=p.number("IMAGETRAINING_POLL_SECONDS", 2.0, 0.05, 600.0),
+            max_attempts=p.integer("IMAGETRAINING_MAX_ATTEMPTS", 5, 1, 1000),
+            max_sessions_per_worker=p.integer("IMAGETRAINING_MAX_SESSIONS_PER_WORKER", 2, 1, 64),
+            trainer=p.dotted("IMAGETRAINING_TRAINER", "discovery_worker.trainer:DefaultTrainer"),
+            max_file_bytes=p.integer("IMAGETRAINING_MAX_FILE_BYTES", 100 * 1024 * 1024, 1, 1 << 40),
+            max_image_pixels=p.integer("IMAGETRAINING_MAX_IMAGE_PIXELS", 100_000_000, 1, 1 << 40),
+            max_subscribers=p.integer("IMAGETRAINING_MAX_SUBSCRIBERS", 2000, 1, 1_000_000),
+            subscriber_idle_seconds=p.number("IMAGETRAINING_SUBSCRIBER_IDLE_SECONDS", 30.0, 0.1, 3600.0),
+            grace_seconds=p.number("IMAGETRAINING_GRACE_SECONDS", 5.0, 0.0, 600.0),
+            auth_token=env.get("IMAGETRAINING_AUTH_TOKEN") or None,
+            tls_cert_file=p.optional_file("IMAGETRAINING_TLS_CERT_FILE"),
+            tls_key_file=p.optional_file("IMAGETRAINING_TLS_KEY_FILE"),
+            tls_ca_file=p.optional_file("IMAGETRAINING_TLS_CA_FILE"),
+        )
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise SettingsError(
+                "IMAGETRAINING_TLS_CERT_FILE",
+                "set both IMAGETRAINING_TLS_CERT_FILE and IMAGETRAINING_TLS_KEY_FILE",
+            )
+
+    def validate_worker(self) -> None:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise SettingsError(
+                "IMAGETRAINING_HEARTBEAT_SECONDS",
+                f"must be shorter than IMAGETRAINING_LEASE_SECONDS ({self.lease_seconds})",
+            )
+
+
+class _Parser:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def roots(self, name: str) -> tuple[Path, ...]:
+        raw = self._raw(name)
+        if raw is None:
+            raise SettingsError(
+                name, "required: one or more library directories separated by " + repr(os.pathsep)
+            )
+        roots: list[Path] = []
+        for part in raw.split(os.pathsep):
+            if not part.strip():
+                continue
+            path = Path(part.strip()).expanduser()
+            if not path.is_absolute():
+                raise SettingsError(name, f"{part!r} is not an absolute path")
+            if not path.is_dir():
+                raise SettingsError(name, f"{part!r} is not an existing directory")
+            resolved = path.resolve()
+            if resolved not in roots:
+                roots.append(resolved)
+        if not roots:
+            raise SettingsError(name, "no directory given")
+        return tuple(roots)
+
+    def database_url(self, name: str) -> str | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        scheme = raw.split("://", 1)[0] if "://" in raw else ""
+        if scheme not in ("postgres", "postgresql", "postgresql+asyncpg"):
+            raise SettingsError(name, "must be a postgresql:// URL (e.g. postgresql://user@host:5432/db)")
+        return raw
+
+    def path(self, name: str, default: Path) -> Path:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            raise SettingsError(name, f"{raw!r} is not an absolute path")
+        return path
+
+    def optional_file(self, name: str) -> Path | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise SettingsError(name, f"{raw!r} is not a readable file")
+        return path
+
+    def address(self, name: str, default: str) -> str:
+        return self.optional_address(name) or default
+
+    def optional_address(self, name: str) -> str | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        host, sep, port = raw.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise SettingsError(name, f"{raw!r} is not HOST:PORT")
+        return raw
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.upper() not in allowed:
+            raise SettingsError(name, f"{raw!r} is not one of {', '.join(allowed)}")
+        return raw.upper()
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(name, f"{raw!r} is not an integer") from None
+        if not low <= value <= high:
+            raise SettingsError(name, f"{value} is not in {low}..{high}")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(name, f"{raw!r} is not a number") from None
+        if not low <= value <= high:
+            raise SettingsError(name, f"{value} is not in {low}..{high}")
+        return value
+
+    def dotted(self, name: str, default: str) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        module, sep, attr = raw.partition(":")
+        if not sep or not module or not attr:
+            raise SettingsError(name, f"{raw!r} is not module.path:ClassName")
+        return raw

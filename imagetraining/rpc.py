@@ -126,9 +126,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if metadata.get("authorization") == self._expected:
             return await continuation(handler_call_details)
         status = rpc_status.to_status(
-            Unauthenticated(
-                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
-            ).to_status()
+            Unauthenticated("missing or wrong bearer token: send metadata 'authorization: Bearer <token>'").to_status()
         )
 
         async def deny_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -147,9 +145,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
-    return grpc.ssl_server_credentials(
-        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
-    )
+    return grpc.ssl_server_credentials([(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())])
 
 
 def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:

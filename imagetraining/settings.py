@@ -132,9 +132,7 @@ class _Parser:
     def roots(self, name: str) -> tuple[Path, ...]:
         raw = self._raw(name)
         if raw is None:
-            raise SettingsError(
-                name, "required: one or more library directories separated by " + repr(os.pathsep)
-            )
+            raise SettingsError(name, "required: one or more library directories separated by " + repr(os.pathsep))
         roots: list[Path] = []
         for part in raw.split(os.pathsep):
             if not part.strip():

@@ -88,9 +88,7 @@ class Database:
             pool_pre_ping=True,
             pool_recycle=1800,
         )
-        return cls(
-            url=to_libpq_url(url), engine=engine, sessions=async_sessionmaker(engine, expire_on_commit=False)
-        )
+        return cls(url=to_libpq_url(url), engine=engine, sessions=async_sessionmaker(engine, expire_on_commit=False))
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -78,9 +78,7 @@ class TrainingSession(Base):
     __tablename__ = "training_sessions"
     __table_args__ = (
         CheckConstraint(_check_in("state", SessionState), name="state"),
-        CheckConstraint(
-            "resume_state IS NULL OR resume_state IN ('discovering', 'running')", name="resume_state"
-        ),
+        CheckConstraint("resume_state IS NULL OR resume_state IN ('discovering', 'running')", name="resume_state"),
         Index("ix_training_sessions_claimable", "state", "lease_expires_at"),
     )
 
@@ -130,9 +128,7 @@ class TrainingSession(Base):
     event_sequence: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
     create_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    update_time: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), server_default=_now(), onupdate=_now()
-    )
+    update_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now(), onupdate=_now())
     start_time: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     end_time: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -197,9 +193,7 @@ class TrainingJob(Base):
     session_id: Mapped[int] = mapped_column(ForeignKey("training_sessions.id", ondelete="CASCADE"))
     asset_id: Mapped[int] = mapped_column(ForeignKey("image_assets.id", ondelete="CASCADE"))
     # The selected subdirectory this image was found under (for per-subdirectory counts).
-    subdirectory_id: Mapped[int | None] = mapped_column(
-        ForeignKey("session_subdirectories.id", ondelete="SET NULL")
-    )
+    subdirectory_id: Mapped[int | None] = mapped_column(ForeignKey("session_subdirectories.id", ondelete="SET NULL"))
     state: Mapped[str] = mapped_column(String(16), server_default=JobState.PENDING.value)
     error_class: Mapped[str] = mapped_column(String(32), server_default="")
     error_message: Mapped[str] = mapped_column(Text, server_default="")

@@ -42,9 +42,7 @@ def upgrade() -> None:
         sa.Column("features", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
         sa.Column("hashed_size_bytes", sa.BigInteger(), nullable=True),
         sa.Column("hashed_mtime_ns", sa.BigInteger(), nullable=True),
-        sa.Column(
-            "first_seen_time", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
-        ),
+        sa.Column("first_seen_time", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("update_time", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_image_assets")),
         sa.UniqueConstraint("path", name=op.f("uq_image_assets_path")),
@@ -103,9 +101,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_training_sessions")),
         sa.UniqueConstraint("create_request_id", name=op.f("uq_training_sessions_create_request_id")),
     )
-    op.create_index(
-        "ix_training_sessions_claimable", "training_sessions", ["state", "lease_expires_at"], unique=False
-    )
+    op.create_index("ix_training_sessions_claimable", "training_sessions", ["state", "lease_expires_at"], unique=False)
     op.create_table(
         "discovery_issues",
         sa.Column("id", sa.BigInteger(), nullable=False),
@@ -179,9 +175,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("session_id", "asset_id", name="uq_training_jobs_session_asset"),
     )
     op.create_index("ix_training_jobs_asset_id", "training_jobs", ["asset_id"], unique=False)
-    op.create_index(
-        "ix_training_jobs_session_state", "training_jobs", ["session_id", "state", "id"], unique=False
-    )
+    op.create_index("ix_training_jobs_session_state", "training_jobs", ["session_id", "state", "id"], unique=False)
     # ### end Alembic commands ###
 
 

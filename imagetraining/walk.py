@@ -162,7 +162,7 @@ class Walk:
                         c.files_seen += 1
                         if not self._matches(entry.name):
                             continue
-                        st = os.stat(entry.path) if self.with_stat else None
+                        fst = os.stat(entry.path) if self.with_stat else None
                     else:
                         if entry.is_dir(follow_symlinks=False):
                             if self.recursive:
@@ -173,15 +173,15 @@ class Walk:
                         c.files_seen += 1
                         if not self._matches(entry.name):
                             continue
-                        st = entry.stat(follow_symlinks=False) if self.with_stat else None
+                        fst = entry.stat(follow_symlinks=False) if self.with_stat else None
                 except OSError as err:
                     yield self._issue(entry.path, _reason(err))
                     continue
                 c.images_found += 1
-                if st is None:
+                if fst is None:
                     yield FoundFile(entry.path, 0, 0, index)
                 else:
-                    yield FoundFile(entry.path, st.st_size, st.st_mtime_ns, index)
+                    yield FoundFile(entry.path, fst.st_size, fst.st_mtime_ns, index)
             stack.extend(reversed(subdirs))
         c.current_directory = ""
 

@@ -1,0 +1,1 @@
+"""The discovery worker: claims sessions, discovers assets, trains images, streams progress."""

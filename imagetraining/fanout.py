@@ -84,6 +84,16 @@ class Subscription:
             self.waiting_since = time.monotonic()
         self._wake.set()
 
+    def skip_to(self, sequence: int) -> None:
+        """The consumer was given `sequence` out of band (a snapshot): drop anything not newer."""
+        if sequence > self._last_offered:
+            self._last_offered = sequence
+        self.last_sequence = max(self.last_sequence, sequence)
+        while self._queue and self._queue[0].sequence <= sequence:
+            self._queue.popleft()
+        if not self._queue:
+            self.waiting_since = None
+
     def evict(self, reason: str) -> None:
         if self._evicted is None:
             self._evicted = Evicted(self.last_sequence, reason)

@@ -146,6 +146,11 @@ class Unavailable(DomainError):
     reason = "UNAVAILABLE"
 
 
+class Unimplemented(DomainError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
+
+
 class Unauthenticated(DomainError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"

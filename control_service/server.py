@@ -1,0 +1,78 @@
+"""Assemble and start the control service: database, use cases, servicer, health, reflection.
+
+`serve()` is what both `python -m control_service` and the tests call (tests with address
+"127.0.0.1:0"), so the process and the tests run exactly the same server.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from control_service.servicer import TrainingSessionServicer, Watcher
+from control_service.sessions import Sessions
+from imagetraining.db.engine import Database, resolve_url
+from imagetraining.rpc import ServerHandle, start_server
+from imagetraining.settings import Settings
+from imagetraining.v1 import training_session_service_pb2 as api
+from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = api.DESCRIPTOR.services_by_name["TrainingSessionService"]
+
+
+@dataclass
+class ControlServer:
+    """A running control service: its gRPC handle, its database and its use cases."""
+
+    handle: ServerHandle
+    db: Database
+    sessions: Sessions
+    owns_db: bool
+
+    @property
+    def port(self) -> int:
+        return self.handle.port
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, in-flight calls finish within the grace period, then the pool closes."""
+        await self.handle.stop()
+        await self.close()
+
+    async def wait(self) -> None:
+        await self.handle.wait()
+
+    async def close(self) -> None:
+        if self.owns_db:
+            await self.db.dispose()
+
+
+async def serve(
+    settings: Settings,
+    *,
+    address: str | None = None,
+    database: Database | None = None,
+    watcher: Watcher | None = None,
+) -> ControlServer:
+    """Start the control service on `address` (default `settings.control_address`).
+
+    Migrations are not applied here (the process entry point does that once at start), so tests and
+    embedders decide. Without `database`, one is connected from the settings (embedded if unset).
+    """
+    db = database or Database.connect(await resolve_url(settings))
+    sessions = Sessions(db, settings)
+    servicer = TrainingSessionServicer(sessions, watcher)
+
+    def add(server: grpc.aio.Server) -> None:
+        api_grpc.add_TrainingSessionServiceServicer_to_server(servicer, server)
+
+    try:
+        handle = await start_server(address or settings.control_address, settings, add, [SERVICE])
+    except BaseException:
+        if database is None:
+            await db.dispose()
+        raise
+    return ControlServer(handle=handle, db=db, sessions=sessions, owns_db=database is None)

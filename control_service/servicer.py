@@ -1,0 +1,157 @@
+"""TrainingSessionService over gRPC: protobuf in, a use case call, protobuf out.
+
+Nothing here decides anything: names are parsed by `imagetraining.names`, rules and SQL live in
+`control_service.sessions`, and errors are domain exceptions that `imagetraining.rpc.ErrorInterceptor`
+turns into status codes. Keeping this layer thin keeps every RPC's behaviour testable in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from control_service.sessions import Sessions, job_state_filter, session_state_filter, validate_config
+from imagetraining import convert
+from imagetraining.errors import Unimplemented
+from imagetraining.names import parse_session_name
+from imagetraining.v1 import resources_pb2 as pb
+from imagetraining.v1 import training_session_service_pb2 as api
+from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
+
+# WatchSession's seam: (session id, after_sequence) -> the events to send. The relay plugs in here.
+Watcher = Callable[[int, int], AsyncIterator[pb.SessionEvent]]
+
+
+def _config(config: pb.SessionConfig) -> dict[str, Any]:
+    recursive = config.recursive if config.HasField("recursive") else None
+    return validate_config(list(config.extensions), recursive, config.batch_size)
+
+
+def _time_remaining(context: Any) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else float(remaining)
+
+
+class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
+    def __init__(self, sessions: Sessions, watcher: Watcher | None = None) -> None:
+        self.sessions = sessions
+        self.watcher = watcher
+
+    async def CreateSession(self, request: api.CreateSessionRequest, context: Any) -> api.CreateSessionResponse:
+        session = await self.sessions.create(
+            display_name=request.display_name,
+            root_path=request.root_path,
+            subdirectories=list(request.subdirectories),
+            config=_config(request.config),
+            request_id=request.request_id,
+        )
+        return api.CreateSessionResponse(session=session)
+
+    async def GetSession(self, request: api.GetSessionRequest, context: Any) -> api.GetSessionResponse:
+        return api.GetSessionResponse(session=await self.sessions.get(parse_session_name(request.name)))
+
+    async def ListSessions(self, request: api.ListSessionsRequest, context: Any) -> api.ListSessionsResponse:
+        sessions, token = await self.sessions.list_sessions(
+            request.page_size, request.page_token, session_state_filter(request.state)
+        )
+        return api.ListSessionsResponse(sessions=sessions, next_page_token=token)
+
+    async def UpdateSession(self, request: api.UpdateSessionRequest, context: Any) -> api.UpdateSessionResponse:
+        session_id = parse_session_name(request.name)
+        display_name = request.display_name if request.HasField("display_name") else None
+        config = _config(request.config) if request.HasField("config") else None
+        return api.UpdateSessionResponse(session=await self.sessions.update(session_id, display_name, config))
+
+    async def DeleteSession(self, request: api.DeleteSessionRequest, context: Any) -> api.DeleteSessionResponse:
+        await self.sessions.delete(parse_session_name(request.name))
+        return api.DeleteSessionResponse()
+
+    async def ScanDirectory(self, request: api.ScanDirectoryRequest, context: Any) -> api.ScanDirectoryResponse:
+        result = await self.sessions.scan_directory(
+            request.path, list(request.extensions), request.max_files, _time_remaining(context)
+        )
+        return api.ScanDirectoryResponse(
+            path=result.path,
+            subdirectories=[
+                api.ScannedDirectory(path=c.path, image_count=c.image_count, truncated=c.truncated)
+                for c in result.subdirectories
+            ],
+            direct_image_count=result.direct_image_count,
+            truncated=result.truncated,
+            extensions=list(result.extensions),
+        )
+
+    async def UpdateSubdirectories(
+        self, request: api.UpdateSubdirectoriesRequest, context: Any
+    ) -> api.UpdateSubdirectoriesResponse:
+        session_id = parse_session_name(request.name)
+        selections = [(s.path, s.selected) for s in request.selections]
+        return api.UpdateSubdirectoriesResponse(
+            session=await self.sessions.update_subdirectories(session_id, selections)
+        )
+
+    async def ValidateSession(self, request: api.ValidateSessionRequest, context: Any) -> api.ValidateSessionResponse:
+        v = await self.sessions.validate(parse_session_name(request.name), _time_remaining(context))
+        return api.ValidateSessionResponse(
+            valid=v.valid,
+            problems=[
+                api.ValidationProblem(type=p.type, subject=p.subject, description=p.description) for p in v.problems
+            ],
+            state=convert.SESSION_STATE_TO_PROTO[v.state],
+            image_count=v.image_count,
+            truncated=v.truncated,
+            selected_subdirectories=[
+                api.ScannedDirectory(path=c.path, image_count=c.image_count, truncated=c.truncated) for c in v.selected
+            ],
+            subdirectories_total=v.subdirectories_total,
+            subdirectories_selected=v.subdirectories_selected,
+            supported_formats=list(v.supported_formats),
+        )
+
+    async def StartSession(self, request: api.StartSessionRequest, context: Any) -> api.StartSessionResponse:
+        session_id = parse_session_name(request.name)
+        return api.StartSessionResponse(session=await self.sessions.start(session_id, request.request_id))
+
+    async def PauseSession(self, request: api.PauseSessionRequest, context: Any) -> api.PauseSessionResponse:
+        return api.PauseSessionResponse(session=await self.sessions.pause(parse_session_name(request.name)))
+
+    async def ResumeSession(self, request: api.ResumeSessionRequest, context: Any) -> api.ResumeSessionResponse:
+        return api.ResumeSessionResponse(session=await self.sessions.resume(parse_session_name(request.name)))
+
+    async def CancelSession(self, request: api.CancelSessionRequest, context: Any) -> api.CancelSessionResponse:
+        return api.CancelSessionResponse(session=await self.sessions.cancel(parse_session_name(request.name)))
+
+    async def RestartSession(self, request: api.RestartSessionRequest, context: Any) -> api.RestartSessionResponse:
+        session_id = parse_session_name(request.name)
+        failed_only = request.scope == api.RESTART_SCOPE_FAILED_ONLY
+        session = await self.sessions.restart(session_id, failed_only, request.request_id)
+        return api.RestartSessionResponse(session=session)
+
+    async def GetSessionProgress(
+        self, request: api.GetSessionProgressRequest, context: Any
+    ) -> api.GetSessionProgressResponse:
+        p = await self.sessions.progress(parse_session_name(request.name))
+        return api.GetSessionProgressResponse(
+            name=p.name,
+            state=convert.SESSION_STATE_TO_PROTO[p.state],
+            state_reason=p.state_reason,
+            progress=p.training,
+            discovery=p.discovery,
+        )
+
+    async def ListJobs(self, request: api.ListJobsRequest, context: Any) -> api.ListJobsResponse:
+        session_id = parse_session_name(request.name)
+        jobs, token = await self.sessions.list_jobs(
+            session_id, request.page_size, request.page_token, job_state_filter(request.state)
+        )
+        return api.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    async def WatchSession(
+        self, request: api.WatchSessionRequest, context: Any
+    ) -> AsyncIterator[api.WatchSessionResponse]:
+        session_id = parse_session_name(request.name)
+        if self.watcher is None:
+            raise Unimplemented("WatchSession is not available on this server yet; poll GetSessionProgress instead")
+        await self.sessions.get(session_id)  # NOT_FOUND before the stream starts
+        async for event in self.watcher(session_id, request.after_sequence):
+            yield api.WatchSessionResponse(event=event)

@@ -1,0 +1,930 @@
+"""The control service's use cases: every SQL statement and every state transition it makes.
+
+Rules kept here (see docs/architecture.md):
+- Every transition is one guarded `UPDATE training_sessions ... WHERE id = :id AND state = ANY(:allowed)`.
+  Zero rows means someone else moved the session first (or it never was in an allowed state): the
+  current state is read back and the caller gets FAILED_PRECONDITION naming it and the call to use
+  instead. Of concurrent conflicting calls exactly one wins; PostgreSQL's row lock decides.
+- Read-check-write use cases (UpdateSession, UpdateSubdirectories) lock the session row with
+  `FOR UPDATE NOWAIT`: a concurrent change in progress makes them ABORTED (retry after GetSession)
+  instead of queueing behind it and applying a change decided on a stale state.
+- No request touches a file except CreateSession / UpdateSubdirectories (path resolution, one
+  bounded directory read), ScanDirectory and ValidateSession (bounded counting), always in a thread.
+  StartSession, RestartSession and friends only write rows; workers do the walking.
+- Every control transition also raises `event_sequence` by one (the stream's sequence ceiling), so
+  the state change it causes is numbered above anything a worker has sent, and sends
+  `NOTIFY imagetraining_sessions, '<id>'` in the same transaction (delivered on commit): a wake-up
+  for workers and the relay, never a source of truth.
+- Job rows are changed set-based (one statement), never in a per-row loop.
+- `request_id` makes CreateSession, StartSession and RestartSession safe to retry: the first answer is
+  stored in `idempotency_keys` in the same transaction as the change and returned again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sqlalchemy import RowMapping, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from imagetraining import convert, walk
+from imagetraining.db.engine import Database
+from imagetraining.db.models import ACTIVE_STATES, JobState, SessionState
+from imagetraining.errors import (
+    Aborted,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PreconditionViolation,
+    ResourceExhausted,
+)
+from imagetraining.formats import describe, normalize_extensions
+from imagetraining.names import session_name
+from imagetraining.paths import is_within, resolve_directory
+from imagetraining.settings import Settings
+from imagetraining.v1 import resources_pb2 as pb
+
+NOTIFY_CHANNEL = "imagetraining_sessions"
+MAX_DISPLAY_NAME = 200
+MAX_REQUEST_ID = 128
+MAX_PATHS_PER_REQUEST = 1000
+# A session holds at most this many subdirectory rows in all (a quota: RESOURCE_EXHAUSTED).
+MAX_SUBDIRECTORIES_PER_SESSION = 10_000
+SESSIONS_PAGE_DEFAULT, SESSIONS_PAGE_MAX = 50, 500
+JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX = 100, 1000
+BATCH_SIZE_MIN, BATCH_SIZE_MAX = 100, 10_000
+# Counting stops this long before the caller's deadline so that the answer still reaches it.
+DEADLINE_MARGIN_SECONDS = 0.5
+
+S = SessionState
+STARTABLE = (S.PENDING, S.FAILED)
+PAUSABLE = (S.DISCOVERING, S.RUNNING)
+RESUMABLE = (S.PAUSED,)
+CANCELLABLE = (S.PENDING, S.DISCOVERING, S.RUNNING, S.PAUSED)
+RESTARTABLE = (S.COMPLETED, S.CANCELLED, S.FAILED)
+# Config, selection and deletion: anything but an active run.
+EDITABLE = tuple(s for s in SessionState if s not in ACTIVE_STATES)
+
+# Columns a new run starts from (StartSession, RestartSession).
+_RESET_RUN = """
+    start_time = now(), end_time = NULL, state_reason = '', resume_state = NULL, attempts = 0,
+    owner_id = NULL, owner_address = NULL, lease_expires_at = NULL"""
+_RESET_DISCOVERY = """
+    total_final = false, directories_scanned = 0, files_seen = 0, images_found = 0,
+    assets_new = 0, assets_changed = 0, assets_unchanged = 0, unreadable_paths = 0,
+    current_directory = '', discovery_checkpoint = NULL,
+    discovery_started_at = NULL, discovery_finished_at = NULL"""
+_HAS_SELECTION = "EXISTS (SELECT 1 FROM session_subdirectories WHERE session_id = :id AND selected)"
+
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+_SUBDIRECTORIES = text(
+    """
+    SELECT path, selected, image_count, trained_count
+      FROM session_subdirectories
+     WHERE session_id = :id
+     ORDER BY path
+    """
+)
+_JOB_LEFTOVERS_TO_PENDING = text(
+    """
+    UPDATE training_jobs SET state = 'pending', update_time = now()
+     WHERE session_id = :id AND state = 'running'
+    """
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Messages that say what to do.
+
+
+def _advice(call: str, state: SessionState) -> str:
+    """The call to use instead of `call` in `state`."""
+    started = state in ACTIVE_STATES
+    if call == "StartSession":
+        if state is S.PAUSED:
+            return "use ResumeSession to continue it"
+        if started:
+            return (
+                "it is already started; follow it with GetSessionProgress, stop it with PauseSession or CancelSession"
+            )
+        return "use RestartSession to run it again"
+    if call == "PauseSession":
+        if state is S.PENDING:
+            return "it has not started; StartSession starts it"
+        if state is S.PAUSED:
+            return "it is already paused; ResumeSession continues it"
+        return "it has ended; RestartSession runs it again"
+    if call == "ResumeSession":
+        if state is S.PENDING:
+            return "it has not started; use StartSession"
+        if started:
+            return "it is not paused; PauseSession pauses it"
+        return "it has ended; use RestartSession to run it again"
+    if call == "CancelSession":
+        return "it has already ended; RestartSession runs it again, DeleteSession removes it"
+    if call == "RestartSession":
+        if state is S.PENDING:
+            return "it has not started; use StartSession"
+        if state is S.PAUSED:
+            return "it is paused; use ResumeSession to continue it (or CancelSession, then RestartSession)"
+        return "it is still running; CancelSession (or PauseSession) it first"
+    if call == "DeleteSession":
+        return "cancel it with CancelSession or pause it with PauseSession first"
+    # UpdateSession (config) and UpdateSubdirectories.
+    return "changes are allowed while PENDING, PAUSED or ended; pause it with PauseSession first"
+
+
+def wrong_state(call: str, session_id: int, state: str) -> FailedPrecondition:
+    """FAILED_PRECONDITION (type STATE) naming the current state and the call to use instead."""
+    current = SessionState(state)
+    name = session_name(session_id)
+    message = f"{call}: session {session_id} is {convert.state_label(current)}; {_advice(call, current)}"
+    return FailedPrecondition(
+        message,
+        [PreconditionViolation("STATE", name, message)],
+        metadata={"state": pb.SessionState.Name(convert.SESSION_STATE_TO_PROTO[current])},
+    )
+
+
+def no_selection(session_id: int) -> FailedPrecondition:
+    message = f"No subdirectories selected for session {session_id}: select at least one with UpdateSubdirectories"
+    return FailedPrecondition(message, [PreconditionViolation("SELECTION", session_name(session_id), message)])
+
+
+def concurrent_change(session_id: int | None, call: str) -> Aborted:
+    subject = "the session" if session_id is None else f"session {session_id}"
+    return Aborted(
+        f"{call}: {subject} was changed by a concurrent call; retry after GetSession",
+        metadata={} if session_id is None else {"session": session_name(session_id)},
+    )
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig: Any = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+    return str(code) if code else None
+
+
+# lock_not_available (NOWAIT), deadlock_detected, serialization_failure: a concurrent writer won.
+_LOST_RACE = frozenset({"55P03", "40P01", "40001"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Input validation (no I/O).
+
+
+def validate_config(
+    extensions: Sequence[str], recursive: bool | None, batch_size: int, field: str = "config"
+) -> dict[str, Any]:
+    """A SessionConfig as stored: {"extensions": [...], "recursive": bool, "batch_size": int}."""
+    try:
+        exts = normalize_extensions(extensions)
+    except ValueError as err:
+        raise InvalidArgument.field(f"{field}.extensions", str(err)) from None
+    if batch_size != 0 and not BATCH_SIZE_MIN <= batch_size <= BATCH_SIZE_MAX:
+        raise InvalidArgument.field(
+            f"{field}.batch_size", f"{batch_size} is not 0 (the default) or {BATCH_SIZE_MIN}..{BATCH_SIZE_MAX}"
+        )
+    return {"extensions": list(exts), "recursive": True if recursive is None else recursive, "batch_size": batch_size}
+
+
+def _check_display_name(display_name: str) -> None:
+    if len(display_name) > MAX_DISPLAY_NAME:
+        raise InvalidArgument.field("display_name", f"is longer than {MAX_DISPLAY_NAME} characters")
+
+
+def _check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument.field("request_id", f"is longer than {MAX_REQUEST_ID} characters; use a UUID")
+
+
+def _page_size(page_size: int, default: int, maximum: int) -> int:
+    if page_size < 0:
+        raise InvalidArgument.field("page_size", "must not be negative")
+    return min(page_size or default, maximum)
+
+
+def _encode_token(after_id: int, scope: str) -> str:
+    raw = json.dumps({"after": after_id, "scope": scope}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str, scope: str) -> int | None:
+    """The id a page starts after; InvalidArgument unless this server issued it for `scope`."""
+    if not token:
+        return None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after = data["after"]
+        issued_for = data["scope"]
+    except (ValueError, binascii.Error, KeyError, TypeError):
+        raise InvalidArgument.field("page_token", "is not a page token issued by this server") from None
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0 or not isinstance(issued_for, str):
+        raise InvalidArgument.field("page_token", "is not a page token issued by this server")
+    if issued_for != scope:
+        raise InvalidArgument.field(
+            "page_token", "was issued for another filter; repeat the first request with this filter instead"
+        )
+    return after
+
+
+def session_state_filter(value: int) -> SessionState | None:
+    if value == pb.SESSION_STATE_UNSPECIFIED:
+        return None
+    if value not in convert.SESSION_STATE_FROM_PROTO:
+        raise InvalidArgument.field("state", f"{value} is not a SessionState")
+    return convert.SESSION_STATE_FROM_PROTO[value]
+
+
+def job_state_filter(value: int) -> JobState | None:
+    if value == pb.JOB_STATE_UNSPECIFIED:
+        return None
+    if value not in convert.JOB_STATE_FROM_PROTO:
+        raise InvalidArgument.field("state", f"{value} is not a JobState")
+    return convert.JOB_STATE_FROM_PROTO[value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Results that are not a Session.
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    path: str
+    subdirectories: list[walk.DirectoryCount]
+    direct_image_count: int
+    truncated: bool
+    extensions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Validation:
+    valid: bool
+    problems: list[PreconditionViolation]
+    state: SessionState
+    image_count: int
+    truncated: bool
+    selected: list[walk.DirectoryCount]
+    subdirectories_total: int
+    subdirectories_selected: int
+    supported_formats: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Progress:
+    name: str
+    state: SessionState
+    state_reason: str
+    training: pb.TrainingProgress
+    discovery: pb.DiscoveryProgress
+
+
+class _Replay(Exception):
+    """Another call with the same request_id committed first: answer with what it stored."""
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class Sessions:
+    """Use cases of TrainingSessionService over one database and the configured library roots."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.roots = settings.library_roots
+
+    @contextlib.asynccontextmanager
+    async def _begin(self, call: str, session_id: int | None) -> AsyncIterator[AsyncConnection]:
+        """A write transaction; losing a lock to a concurrent writer is ABORTED (retry), not UNAVAILABLE."""
+        try:
+            async with self.db.engine.begin() as conn:
+                yield conn
+        except DBAPIError as exc:
+            if _sqlstate(exc) in _LOST_RACE:
+                raise concurrent_change(session_id, call) from None
+            raise
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    async def _row(self, conn: AsyncConnection, session_id: int) -> RowMapping:
+        row = (
+            (await conn.execute(text("SELECT * FROM training_sessions WHERE id = :id"), {"id": session_id}))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            raise NotFound(session_name(session_id))
+        return row
+
+    async def _proto(self, conn: AsyncConnection, row: RowMapping) -> pb.Session:
+        subdirectories = (await conn.execute(_SUBDIRECTORIES, {"id": row["id"]})).mappings().all()
+        return convert.session_to_proto(row, subdirectories)
+
+    async def get(self, session_id: int) -> pb.Session:
+        """GetSession: the session with its subdirectories and progress."""
+        async with self.db.engine.connect() as conn:
+            return await self._proto(conn, await self._row(conn, session_id))
+
+    async def get_with_sequence(self, session_id: int) -> tuple[pb.Session, int]:
+        """The session and its stored event sequence ceiling: the snapshot WatchSession starts with."""
+        async with self.db.engine.connect() as conn:
+            row = await self._row(conn, session_id)
+            return await self._proto(conn, row), int(row["event_sequence"])
+
+    async def progress(self, session_id: int) -> Progress:
+        """GetSessionProgress: one primary-key read, no subdirectories."""
+        async with self.db.engine.connect() as conn:
+            row = await self._row(conn, session_id)
+        return Progress(
+            name=session_name(session_id),
+            state=SessionState(row["state"]),
+            state_reason=row["state_reason"],
+            training=convert.training_progress(row),
+            discovery=convert.discovery_progress(row),
+        )
+
+    async def list_sessions(
+        self, page_size: int, page_token: str, state: SessionState | None
+    ) -> tuple[list[pb.Session], str]:
+        """ListSessions: newest first (id descending), keyset-paginated, without subdirectories."""
+        limit = _page_size(page_size, SESSIONS_PAGE_DEFAULT, SESSIONS_PAGE_MAX)
+        scope = f"sessions;state={state.value if state else ''}"
+        after = _decode_token(page_token, scope)
+        where = ["true"]
+        params: dict[str, Any] = {"limit": limit + 1}
+        if state is not None:
+            where.append("state = :state")
+            params["state"] = state.value
+        if after is not None:
+            where.append("id < :after")
+            params["after"] = after
+        sql = f"SELECT * FROM training_sessions WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(text(sql), params)).mappings().all()
+        page = rows[:limit]
+        token = _encode_token(int(page[-1]["id"]), scope) if len(rows) > limit else ""
+        return [convert.session_to_proto(r) for r in page], token
+
+    async def list_jobs(
+        self, session_id: int, page_size: int, page_token: str, state: JobState | None
+    ) -> tuple[list[pb.Job], str]:
+        """ListJobs: per-image outcomes in job id order, joined with their asset."""
+        limit = _page_size(page_size, JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX)
+        scope = f"{session_name(session_id)}/jobs;state={state.value if state else ''}"
+        after = _decode_token(page_token, scope)
+        where = ["j.session_id = :id"]
+        params: dict[str, Any] = {"id": session_id, "limit": limit + 1}
+        if state is not None:
+            where.append("j.state = :state")
+            params["state"] = state.value
+        if after is not None:
+            where.append("j.id > :after")
+            params["after"] = after
+        sql = f"""
+            SELECT j.id, j.session_id, j.asset_id, j.state, j.error_class, j.error_message,
+                   j.skip_reason, j.create_time, j.update_time,
+                   a.path, a.perceptual_hash, a.hash_algorithm, a.width, a.height, a.format
+              FROM training_jobs j
+              JOIN image_assets a ON a.id = j.asset_id
+             WHERE {" AND ".join(where)}
+             ORDER BY j.id
+             LIMIT :limit"""
+        async with self.db.engine.connect() as conn:
+            await self._row(conn, session_id)
+            rows = (await conn.execute(text(sql), params)).mappings().all()
+        page = rows[:limit]
+        token = _encode_token(int(page[-1]["id"]), scope) if len(rows) > limit else ""
+        return [convert.job_to_proto(r) for r in page], token
+
+    # ---- idempotency ---------------------------------------------------------------------------
+
+    async def _stored_answer(self, method: str, request_id: str, session_id: int | None) -> pb.Session | None:
+        async with self.db.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT session_id, response FROM idempotency_keys"
+                        " WHERE method = :method AND request_id = :request_id"
+                    ),
+                    {"method": method, "request_id": request_id},
+                )
+            ).first()
+        if row is None:
+            return None
+        if session_id is not None and row.session_id != session_id:
+            raise InvalidArgument.field(
+                "request_id", f"was already used for {method} on sessions/{row.session_id}; use a fresh one"
+            )
+        return pb.Session.FromString(row.response)
+
+    async def _idempotent(
+        self,
+        method: str,
+        request_id: str,
+        session_id: int | None,
+        work: Callable[[AsyncConnection], Awaitable[pb.Session]],
+    ) -> pb.Session:
+        """Run `work` in one transaction; with a request_id, store its answer there or replay the first."""
+        if not request_id:
+            async with self._begin(method, session_id) as conn:
+                return await work(conn)
+        _check_request_id(request_id)
+        stored = await self._stored_answer(method, request_id, session_id)
+        if stored is not None:
+            return stored
+        try:
+            async with self._begin(method, session_id) as conn:
+                session = await work(conn)
+                inserted = (
+                    await conn.execute(
+                        text(
+                            """
+                            INSERT INTO idempotency_keys (method, request_id, session_id, response)
+                            VALUES (:method, :request_id, :session_id, :response)
+                            ON CONFLICT DO NOTHING
+                            RETURNING request_id
+                            """
+                        ),
+                        {
+                            "method": method,
+                            "request_id": request_id,
+                            "session_id": _id_of(session.name),
+                            "response": session.SerializeToString(),
+                        },
+                    )
+                ).first()
+                if inserted is None:
+                    raise _Replay
+                return session
+        except (_Replay, DomainError, IntegrityError):
+            # A concurrent call with the same request_id may have won: its answer is the answer.
+            stored = await self._stored_answer(method, request_id, session_id)
+            if stored is not None:
+                return stored
+            raise
+
+    # ---- transitions ---------------------------------------------------------------------------
+
+    async def _transition(
+        self,
+        conn: AsyncConnection,
+        session_id: int,
+        call: str,
+        allowed: Sequence[SessionState],
+        assignments: str,
+        *,
+        need_selection: bool = False,
+    ) -> RowMapping:
+        """One guarded UPDATE; on zero rows, the reason as a domain error. Wakes the workers."""
+        guard = f"AND {_HAS_SELECTION}" if need_selection else ""
+        sql = f"""
+            UPDATE training_sessions
+               SET {assignments},
+                   update_time = now(),
+                   event_sequence = event_sequence + 1
+             WHERE id = :id
+               AND state = ANY(:allowed)
+               {guard}
+            RETURNING *"""
+        params = {"id": session_id, "allowed": [s.value for s in allowed]}
+        row = (await conn.execute(text(sql), params)).mappings().first()
+        if row is None:
+            await self._refusal(conn, session_id, call, allowed, need_selection)
+        await conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL, "payload": str(session_id)})
+        return row
+
+    async def _refusal(
+        self, conn: AsyncConnection, session_id: int, call: str, allowed: Sequence[SessionState], need_selection: bool
+    ) -> NoReturn:
+        """Why a guarded UPDATE matched no row, as the error the client gets. Always raises."""
+        current = (
+            await conn.execute(
+                text(f"SELECT state, {_HAS_SELECTION} AS has_selection FROM training_sessions WHERE id = :id"),
+                {"id": session_id},
+            )
+        ).first()
+        if current is None:
+            raise NotFound(session_name(session_id))
+        if current.state not in allowed:
+            raise wrong_state(call, session_id, current.state)
+        if need_selection and not current.has_selection:
+            raise no_selection(session_id)
+        # The state and the selection allow it now, but did not when the UPDATE ran.
+        raise concurrent_change(session_id, call)
+
+    async def start(self, session_id: int, request_id: str = "") -> pb.Session:
+        """StartSession: pending|failed -> discovering, committed and NOTIFYed. Touches no file."""
+
+        async def work(conn: AsyncConnection) -> pb.Session:
+            row = await self._transition(
+                conn,
+                session_id,
+                "StartSession",
+                STARTABLE,
+                f"state = 'discovering', run_scope = 'all', {_RESET_RUN}, {_RESET_DISCOVERY}",
+                need_selection=True,
+            )
+            # Jobs a failed run left `running` are picked up again (not counted by any counter).
+            await conn.execute(_JOB_LEFTOVERS_TO_PENDING, {"id": session_id})
+            return await self._proto(conn, row)
+
+        return await self._idempotent("StartSession", request_id, session_id, work)
+
+    async def restart(self, session_id: int, failed_only: bool, request_id: str = "") -> pb.Session:
+        """RestartSession: completed|cancelled|failed -> discovering (all) or running (failed only)."""
+
+        async def work(conn: AsyncConnection) -> pb.Session:
+            if not failed_only:
+                row = await self._transition(
+                    conn,
+                    session_id,
+                    "RestartSession",
+                    RESTARTABLE,
+                    f"state = 'discovering', run_scope = 'all', {_RESET_RUN}, {_RESET_DISCOVERY}",
+                    need_selection=True,
+                )
+                await conn.execute(_JOB_LEFTOVERS_TO_PENDING, {"id": session_id})
+                return await self._proto(conn, row)
+            await self._transition(
+                conn,
+                session_id,
+                "RestartSession",
+                RESTARTABLE,
+                "state = CASE WHEN total_final THEN 'running' ELSE 'discovering' END,"
+                f" run_scope = 'failed_only', {_RESET_RUN}",
+                need_selection=True,
+            )
+            # Failed jobs back to pending and the counter down by as many, in one statement.
+            row = (
+                (
+                    await conn.execute(
+                        text(
+                            """
+                            WITH retried AS (
+                                UPDATE training_jobs
+                                   SET state = 'pending', error_class = '', error_message = '', update_time = now()
+                                 WHERE session_id = :id AND state = 'failed'
+                                RETURNING 1
+                            )
+                            UPDATE training_sessions
+                               SET failed_images = failed_images - (SELECT count(*) FROM retried)
+                             WHERE id = :id
+                            RETURNING *
+                            """
+                        ),
+                        {"id": session_id},
+                    )
+                )
+                .mappings()
+                .one()
+            )
+            await conn.execute(_JOB_LEFTOVERS_TO_PENDING, {"id": session_id})
+            return await self._proto(conn, row)
+
+        return await self._idempotent("RestartSession", request_id, session_id, work)
+
+    async def _simple_transition(
+        self, session_id: int, call: str, allowed: Sequence[SessionState], assignments: str
+    ) -> pb.Session:
+        async with self._begin(call, session_id) as conn:
+            row = await self._transition(conn, session_id, call, allowed, assignments)
+            return await self._proto(conn, row)
+
+    async def pause(self, session_id: int) -> pb.Session:
+        """PauseSession: discovering|running -> paused, remembering where to resume."""
+        return await self._simple_transition(
+            session_id, "PauseSession", PAUSABLE, "state = 'paused', resume_state = state"
+        )
+
+    async def resume(self, session_id: int) -> pb.Session:
+        """ResumeSession: paused -> the state it paused from."""
+        return await self._simple_transition(
+            session_id,
+            "ResumeSession",
+            RESUMABLE,
+            "state = COALESCE(resume_state, 'discovering'), resume_state = NULL",
+        )
+
+    async def cancel(self, session_id: int) -> pb.Session:
+        """CancelSession: any non-terminal state -> cancelled (workers never overwrite it)."""
+        return await self._simple_transition(
+            session_id,
+            "CancelSession",
+            CANCELLABLE,
+            "state = 'cancelled', end_time = now(), state_reason = 'cancelled by a client'",
+        )
+
+    async def delete(self, session_id: int) -> None:
+        """DeleteSession: one guarded DELETE; subdirectories and jobs cascade, assets stay."""
+        async with self._begin("DeleteSession", session_id) as conn:
+            deleted = (
+                await conn.execute(
+                    text("DELETE FROM training_sessions WHERE id = :id AND state = ANY(:allowed) RETURNING id"),
+                    {"id": session_id, "allowed": [s.value for s in EDITABLE]},
+                )
+            ).first()
+            if deleted is None:
+                await self._refusal(conn, session_id, "DeleteSession", EDITABLE, False)
+            await conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL, "payload": str(session_id)})
+
+    # ---- edits ---------------------------------------------------------------------------------
+
+    async def _lock(self, conn: AsyncConnection, session_id: int) -> RowMapping:
+        """Lock the session row for a read-check-write; ABORTED if a concurrent change holds it."""
+        # NOWAIT: lock_not_available ends the transaction; `_begin` turns it into ABORTED.
+        row = (
+            (
+                await conn.execute(
+                    text("SELECT id, state, root_path FROM training_sessions WHERE id = :id FOR UPDATE NOWAIT"),
+                    {"id": session_id},
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if row is None:
+            raise NotFound(session_name(session_id))
+        return row
+
+    async def update(self, session_id: int, display_name: str | None, config: dict[str, Any] | None) -> pb.Session:
+        """UpdateSession: rename in any state; replace the config unless a run is active."""
+        if display_name is not None:
+            _check_display_name(display_name)
+            if not display_name.strip():
+                raise InvalidArgument.field("display_name", "must not be empty")
+        async with self._begin("UpdateSession", session_id) as conn:
+            current = await self._lock(conn, session_id)
+            if config is not None and current["state"] in ACTIVE_STATES:
+                raise wrong_state("UpdateSession", session_id, current["state"])
+            row = (
+                (
+                    await conn.execute(
+                        text(
+                            """
+                            UPDATE training_sessions
+                               SET display_name = COALESCE(:display_name, display_name),
+                                   config = COALESCE(CAST(:config AS jsonb), config),
+                                   update_time = now()
+                             WHERE id = :id
+                            RETURNING *
+                            """
+                        ),
+                        {
+                            "id": session_id,
+                            "display_name": display_name,
+                            "config": None if config is None else json.dumps(config),
+                        },
+                    )
+                )
+                .mappings()
+                .one()
+            )
+            return await self._proto(conn, row)
+
+    def _resolve_selections(self, root: str, selections: Sequence[tuple[str, bool]]) -> dict[str, bool]:
+        """Blocking: resolve each path under the root (a selected one must exist). Last one wins."""
+        out: dict[str, bool] = {}
+        for i, (raw, selected) in enumerate(selections):
+            path = resolve_directory(raw, self.roots, f"selections[{i}].path", base=Path(root), must_exist=selected)
+            out[str(path)] = selected
+        return out
+
+    async def update_subdirectories(self, session_id: int, selections: Sequence[tuple[str, bool]]) -> pb.Session:
+        """UpdateSubdirectories: select / unselect (adding unknown paths under the root)."""
+        if len(selections) > MAX_PATHS_PER_REQUEST:
+            raise InvalidArgument.field("selections", f"at most {MAX_PATHS_PER_REQUEST} per request")
+        async with self.db.engine.connect() as conn:
+            root = (await self._row(conn, session_id))["root_path"]
+        resolved = await asyncio.to_thread(self._resolve_selections, root, selections)
+        async with self._begin("UpdateSubdirectories", session_id) as conn:
+            current = await self._lock(conn, session_id)
+            if current["state"] in ACTIVE_STATES:
+                raise wrong_state("UpdateSubdirectories", session_id, current["state"])
+            if resolved:
+                await conn.execute(
+                    text(
+                        """
+                        INSERT INTO session_subdirectories (session_id, path, selected)
+                        SELECT :id, p, s FROM unnest(CAST(:paths AS text[]), CAST(:selected AS boolean[])) AS t(p, s)
+                        ON CONFLICT (session_id, path) DO UPDATE SET selected = EXCLUDED.selected
+                        """
+                    ),
+                    {"id": session_id, "paths": list(resolved), "selected": list(resolved.values())},
+                )
+                total = (
+                    await conn.execute(
+                        text("SELECT count(*) FROM session_subdirectories WHERE session_id = :id"), {"id": session_id}
+                    )
+                ).scalar_one()
+                if total > MAX_SUBDIRECTORIES_PER_SESSION:
+                    raise ResourceExhausted(
+                        f"session {session_id} would hold {total} subdirectories; at most "
+                        f"{MAX_SUBDIRECTORIES_PER_SESSION} per session: select a parent directory instead",
+                        metadata={"limit": str(MAX_SUBDIRECTORIES_PER_SESSION)},
+                    )
+            row = (
+                (
+                    await conn.execute(
+                        text("UPDATE training_sessions SET update_time = now() WHERE id = :id RETURNING *"),
+                        {"id": session_id},
+                    )
+                )
+                .mappings()
+                .one()
+            )
+            return await self._proto(conn, row)
+
+    # ---- create --------------------------------------------------------------------------------
+
+    def _resolve_create(self, root_path: str, subdirectories: Sequence[str]) -> tuple[Path, list[str], bool]:
+        """Blocking: the resolved root, the subdirectory paths, and whether they are selected."""
+        root = resolve_directory(root_path, self.roots, "root_path")
+        if subdirectories:
+            paths = [
+                str(resolve_directory(raw, self.roots, f"subdirectories[{i}]", base=root))
+                for i, raw in enumerate(subdirectories)
+            ]
+            return root, list(dict.fromkeys(paths)), True
+        try:
+            found, _more = walk.list_subdirectories(str(root), self.roots, MAX_PATHS_PER_REQUEST)
+        except OSError as err:
+            raise InvalidArgument.field("root_path", f"cannot be read: {err.strerror or err}") from None
+        return root, found, False
+
+    async def create(
+        self,
+        *,
+        display_name: str,
+        root_path: str,
+        subdirectories: Sequence[str],
+        config: dict[str, Any],
+        request_id: str = "",
+    ) -> pb.Session:
+        """CreateSession: resolve and check the paths (in a thread), insert the session and its rows."""
+        _check_display_name(display_name)
+        if len(subdirectories) > MAX_PATHS_PER_REQUEST:
+            raise InvalidArgument.field("subdirectories", f"at most {MAX_PATHS_PER_REQUEST} per request")
+        if request_id:
+            _check_request_id(request_id)
+            stored = await self._stored_answer("CreateSession", request_id, None)
+            if stored is not None:
+                return stored
+        root, paths, selected = await asyncio.to_thread(self._resolve_create, root_path, subdirectories)
+        name = display_name.strip() or (root.name or str(root))[:MAX_DISPLAY_NAME]
+
+        async def work(conn: AsyncConnection) -> pb.Session:
+            session_id = (
+                await conn.execute(
+                    text(
+                        """
+                        INSERT INTO training_sessions (display_name, root_path, config, create_request_id)
+                        VALUES (:display_name, :root_path, CAST(:config AS jsonb), :request_id)
+                        RETURNING id
+                        """
+                    ),
+                    {
+                        "display_name": name,
+                        "root_path": str(root),
+                        "config": json.dumps(config),
+                        "request_id": request_id or None,
+                    },
+                )
+            ).scalar_one()
+            if paths:
+                await conn.execute(
+                    text(
+                        """
+                        INSERT INTO session_subdirectories (session_id, path, selected)
+                        SELECT :id, p, :selected FROM unnest(CAST(:paths AS text[])) AS t(p)
+                        """
+                    ),
+                    {"id": session_id, "paths": paths, "selected": selected},
+                )
+            return await self._proto(conn, await self._row(conn, session_id))
+
+        return await self._idempotent("CreateSession", request_id, None, work)
+
+    # ---- counting (bounded, in a thread) -------------------------------------------------------
+
+    def _deadline(self, time_remaining: float | None) -> float:
+        """A monotonic deadline: the configured cap, or sooner if the caller's deadline is nearer."""
+        budget = self.settings.scan_max_seconds
+        if time_remaining is not None:
+            budget = min(budget, time_remaining - DEADLINE_MARGIN_SECONDS)
+        return time.monotonic() + max(budget, 0.0)
+
+    def _max_files(self, requested: int) -> int:
+        if requested < 0:
+            raise InvalidArgument.field("max_files", "must not be negative")
+        cap = self.settings.scan_max_files
+        return min(requested or cap, cap)
+
+    async def scan_directory(
+        self, path: str, extensions: Sequence[str], max_files: int, time_remaining: float | None
+    ) -> ScanOutcome:
+        """ScanDirectory: immediate subdirectories with recursive image counts, within a cap and deadline."""
+        try:
+            exts = normalize_extensions(extensions)
+        except ValueError as err:
+            raise InvalidArgument.field("extensions", str(err)) from None
+        limit = self._max_files(max_files)
+        deadline = self._deadline(time_remaining)
+
+        def scan() -> walk.ScanResult:
+            resolved = resolve_directory(path, self.roots, "path")
+            try:
+                return walk.scan_directory(str(resolved), exts, self.roots, max_files=limit, deadline=deadline)
+            except OSError as err:
+                raise InvalidArgument.field("path", f"cannot be read: {err.strerror or err}") from None
+
+        result = await asyncio.to_thread(scan)
+        return ScanOutcome(result.path, result.subdirectories, result.direct_image_count, result.truncated, exts)
+
+    async def validate(self, session_id: int, time_remaining: float | None) -> Validation:
+        """ValidateSession: StartSession's checks and a bounded image count, changing nothing."""
+        async with self.db.engine.connect() as conn:
+            row = await self._row(conn, session_id)
+            subdirectories = (await conn.execute(_SUBDIRECTORIES, {"id": session_id})).mappings().all()
+        state = SessionState(row["state"])
+        config = convert.config_to_proto(row["config"])
+        exts = tuple(config.extensions)
+        name = session_name(session_id)
+        problems: list[PreconditionViolation] = []
+        if state not in STARTABLE and state not in RESTARTABLE:
+            call = "StartSession" if state is S.PENDING else "RestartSession"
+            problems.append(wrong_state(call, session_id, state).violations[0])
+        selected = [s["path"] for s in subdirectories if s["selected"]]
+        if not selected:
+            problems.append(no_selection(session_id).violations[0])
+        deadline = self._deadline(time_remaining)
+        max_files = self.settings.scan_max_files
+
+        def count() -> tuple[list[PreconditionViolation], list[walk.DirectoryCount], bool]:
+            unreadable: list[PreconditionViolation] = []
+            readable: list[str] = []
+            for path in selected:
+                problem = _unreadable(path, self.roots)
+                if problem is None:
+                    readable.append(path)
+                else:
+                    unreadable.append(PreconditionViolation("UNREADABLE", path, problem))
+            counts, truncated = walk.count_images(
+                readable, exts, self.roots, recursive=config.recursive, max_files=max_files, deadline=deadline
+            )
+            return unreadable, counts, truncated
+
+        unreadable, counts, truncated = await asyncio.to_thread(count)
+        problems.extend(unreadable)
+        image_count = sum(c.image_count for c in counts)
+        if counts and image_count == 0 and not truncated:
+            problems.append(
+                PreconditionViolation(
+                    "NO_IMAGES",
+                    name,
+                    f"Selected subdirectories contain no image files. Supported formats: {describe(exts)}. "
+                    f"Searched: {', '.join(c.path for c in counts)}. "
+                    "Select other subdirectories or change config.extensions.",
+                )
+            )
+        return Validation(
+            valid=not problems,
+            problems=problems,
+            state=state,
+            image_count=image_count,
+            truncated=truncated,
+            selected=counts,
+            subdirectories_total=len(subdirectories),
+            subdirectories_selected=len(selected),
+            supported_formats=exts,
+        )
+
+
+def _unreadable(path: str, roots: Sequence[Path]) -> str | None:
+    """Blocking: why a selected directory cannot be walked, or None. Opens the directory once."""
+    resolved = os.path.realpath(path)
+    if not is_within(resolved, roots):
+        return f"{path} now leads outside the library roots; unselect it with UpdateSubdirectories"
+    try:
+        with os.scandir(resolved):
+            pass
+    except OSError as err:
+        return f"cannot read {path}: {err.strerror or err}; fix it or unselect it with UpdateSubdirectories"
+    return None
+
+
+def _id_of(name: str) -> int:
+    """The id of a "sessions/{id}" name this module produced itself."""
+    return int(name.rsplit("/", 1)[1])

@@ -1,0 +1,356 @@
+"""Claim, heartbeat and release of training sessions, with epoch fencing; crash-test fault points.
+
+The session row is the lease (see docs/architecture.md). A claim bumps `epoch`; every later write of
+this worker about the session starts with `fence()`, a guarded UPDATE of the session row on
+`epoch = :epoch AND owner_id = :owner AND state = :state` in the same transaction as the data it
+protects. When another worker has claimed the session since (our lease expired), or a client
+paused, cancelled or deleted it, the fence matches no row, the caller rolls back, and nothing of the
+stale worker reaches the database. Lease times use the database clock only (`now()`), so worker
+clocks never matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from imagetraining.db.engine import Database
+
+NOTIFY_CHANNEL = "imagetraining_sessions"
+# Sequence numbers a claim reserves for its event stream (see discovery_worker.events).
+SEQUENCE_BLOCK = 100_000
+ACTIVE = ("discovering", "running")
+
+
+# ---- fault points (crash tests) ------------------------------------------------------------------
+
+FAULT_ENV = "IMAGETRAINING_FAULT_POINT"
+FAULT_POINTS = (
+    "after_claim",
+    "discovery_batch_before_commit",
+    "discovery_batch_after_commit",
+    "before_running_transition",
+    "training_chunk_before_commit",
+    "training_chunk_after_commit",
+    "before_completed_transition",
+)
+
+
+def _parse_fault(raw: str | None) -> tuple[str, int] | None:
+    if not raw:
+        return None
+    name, _, nth = raw.partition(":")
+    return name.strip(), int(nth) if nth.strip() else 1
+
+
+_fault = _parse_fault(os.environ.get(FAULT_ENV))
+_fault_hits = 0
+
+
+def fault_point(name: str) -> None:
+    """Kill this process with SIGKILL at the n-th pass through `name` when IMAGETRAINING_FAULT_POINT selects it.
+
+    A no-op (one comparison) when the variable is unset. SIGKILL, not an exception: the point of the
+    crash tests is a worker that gets no chance to clean up (OOM kill, power loss, kill -9).
+    """
+    global _fault_hits
+    if _fault is None or _fault[0] != name:
+        return
+    _fault_hits += 1
+    if _fault_hits >= _fault[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- claims ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What this worker holds: the session and the fencing epoch of its claim."""
+
+    session_id: int
+    owner_id: str
+    epoch: int
+    state: str
+    attempts: int
+    # The session's event_sequence after this claim reserved its block: this owner's stream numbers
+    # its messages in (event_ceiling - SEQUENCE_BLOCK, event_ceiling].
+    event_ceiling: int = 0
+    # The session row as this claim left it: the progress stream's first message carries its counters.
+    row: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+_FAIL_EXHAUSTED = text(
+    """
+    UPDATE training_sessions
+       SET state = 'failed',
+           state_reason = 'worker crashed ' || attempts || ' times on this session',
+           end_time = now(), update_time = now(), current_directory = '',
+           owner_id = NULL, owner_address = NULL, lease_expires_at = NULL,
+           event_sequence = event_sequence + 1
+     WHERE id IN (
+           SELECT id FROM training_sessions
+            WHERE state IN ('discovering', 'running')
+              AND (owner_id IS NULL OR lease_expires_at < now())
+              AND attempts >= :max_attempts
+            ORDER BY id
+              FOR UPDATE SKIP LOCKED)
+    RETURNING id, attempts
+    """
+)
+
+_CLAIM = text(
+    """
+    UPDATE training_sessions
+       SET owner_id = :owner,
+           owner_address = :address,
+           lease_expires_at = now() + make_interval(secs => :lease),
+           epoch = epoch + 1,
+           attempts = attempts + 1,
+           event_sequence = event_sequence + :block,
+           discovery_started_at = CASE WHEN state = 'discovering'
+                                       THEN COALESCE(discovery_started_at, now())
+                                       ELSE discovery_started_at END,
+           update_time = now()
+     WHERE id = (
+           SELECT id FROM training_sessions
+            WHERE state IN ('discovering', 'running')
+              AND (owner_id IS NULL OR lease_expires_at < now())
+              AND id <> ALL(CAST(:busy AS bigint[]))
+            ORDER BY id
+              FOR UPDATE SKIP LOCKED
+            LIMIT 1)
+    RETURNING *
+    """
+)
+
+_HEARTBEAT = text(
+    """
+    UPDATE training_sessions
+       SET lease_expires_at = now() + make_interval(secs => :lease)
+     WHERE id = :id AND epoch = :epoch AND owner_id = :owner
+    RETURNING id
+    """
+)
+
+# A graceful hand-back (pause, cancel, shutdown) is not a crash: the attempt is given back, so that
+# pausing and resuming a session many times never exhausts IMAGETRAINING_MAX_ATTEMPTS.
+_RELEASE = text(
+    """
+    UPDATE training_sessions
+       SET owner_id = NULL, owner_address = NULL, lease_expires_at = NULL,
+           attempts = GREATEST(attempts - :give_back, 0)
+     WHERE id = :id AND epoch = :epoch AND owner_id = :owner
+    RETURNING id
+    """
+)
+
+_FENCE = text(
+    """
+    UPDATE training_sessions
+       SET update_time = now()
+     WHERE id = :id AND epoch = :epoch AND owner_id = :owner AND state = :state
+    RETURNING discovery_checkpoint
+    """
+)
+
+_RESERVE = text(
+    """
+    UPDATE training_sessions
+       SET event_sequence = event_sequence + :block
+     WHERE id = :id AND epoch = :epoch AND owner_id = :owner
+    RETURNING event_sequence
+    """
+)
+
+_WATCH = text("SELECT state, epoch, owner_id FROM training_sessions WHERE id = :id")
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+
+
+async def fail_exhausted(db: Database, max_attempts: int) -> list[tuple[int, int]]:
+    """Sessions whose workers died `max_attempts` times end `failed`; returns (id, attempts) of each."""
+    async with db.engine.begin() as conn:
+        rows = (await conn.execute(_FAIL_EXHAUSTED, {"max_attempts": max_attempts})).all()
+        for row in rows:
+            await notify(conn, row.id)
+    return [(int(r.id), int(r.attempts)) for r in rows]
+
+
+async def claim_one(
+    db: Database, owner_id: str, address: str, lease_seconds: float, busy: Sequence[int] = ()
+) -> Claim | None:
+    """Claim the lowest-id claimable session, or None. One statement: two workers never get the same one.
+
+    `busy`: sessions this worker still has a runner for (one whose lease lapsed and has not noticed
+    yet); they are left to other workers, so one process never runs a session twice.
+    """
+    params = {
+        "owner": owner_id,
+        "address": address,
+        "lease": lease_seconds,
+        "busy": list(busy),
+        "block": SEQUENCE_BLOCK,
+    }
+    async with db.engine.begin() as conn:
+        row = (await conn.execute(_CLAIM, params)).first()
+        if row is not None:
+            # Subscribers' relays learn the new owner now, not at their next poll.
+            await notify(conn, int(row.id))
+    if row is None:
+        return None
+    return Claim(
+        int(row.id),
+        owner_id,
+        int(row.epoch),
+        str(row.state),
+        int(row.attempts),
+        int(row.event_sequence),
+        dict(row._mapping),
+    )
+
+
+async def reserve_sequences(db: Database, claim: Claim) -> int:
+    """Raise the session's sequence ceiling by one more block (fenced); returns the new ceiling."""
+    async with db.engine.begin() as conn:
+        row = (
+            await conn.execute(
+                _RESERVE,
+                {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id, "block": SEQUENCE_BLOCK},
+            )
+        ).first()
+    if row is None:
+        raise LookupError("lease lost: no more sequences reserved")
+    return int(row.event_sequence)
+
+
+async def heartbeat(db: Database, claim: Claim, lease_seconds: float) -> bool:
+    """Extend the lease; False means it is lost (another owner, or the session is gone)."""
+    async with db.engine.begin() as conn:
+        row = (
+            await conn.execute(
+                _HEARTBEAT,
+                {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id, "lease": lease_seconds},
+            )
+        ).first()
+    return row is not None
+
+
+async def release(db: Database, claim: Claim, *, graceful: bool) -> bool:
+    """Hand the session back (owner cleared) so any worker can resume it at once. Never touches state.
+
+    `graceful` (pause, cancel, shutdown) gives the attempt back; after an unexpected error it stays
+    counted, so a session that keeps breaking workers reaches IMAGETRAINING_MAX_ATTEMPTS.
+    """
+    async with db.engine.begin() as conn:
+        row = (
+            await conn.execute(
+                _RELEASE,
+                {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id, "give_back": int(graceful)},
+            )
+        ).first()
+    return row is not None
+
+
+async def fence(conn: AsyncConnection, claim: Claim, state: str) -> dict[str, Any] | None:
+    """Lock the session row for this transaction if we still own it in `state`.
+
+    Returns the row's discovery checkpoint ({} when unset) or None when the fence failed: the caller
+    must roll back and stop. Always the first statement of a worker transaction, so the session row
+    is locked before job or asset rows (the same order as the control service's transitions).
+    """
+    row = (
+        await conn.execute(
+            _FENCE, {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id, "state": state}
+        )
+    ).first()
+    if row is None:
+        return None
+    checkpoint: dict[str, Any] = dict(row.discovery_checkpoint or {})
+    return checkpoint
+
+
+async def still_owned(db: Database, claim: Claim) -> tuple[bool, str]:
+    """One primary-key read: do we still own the session in an active state? (ok, state or 'deleted')."""
+    async with db.engine.connect() as conn:
+        row = (await conn.execute(_WATCH, {"id": claim.session_id})).first()
+    if row is None:
+        return False, "deleted"
+    if row.epoch != claim.epoch or row.owner_id != claim.owner_id:
+        return False, "lease lost"
+    if row.state not in ACTIVE:
+        return False, str(row.state)
+    return True, str(row.state)
+
+
+async def notify(conn: AsyncConnection, session_id: int) -> None:
+    await conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL, "payload": str(session_id)})
+
+
+class RunObserver(Protocol):
+    """What a runner reports, for the progress streams (issue #4 plugs its SessionEvents in here).
+
+    Every call carries the session row as committed (`RETURNING *` of the worker's own write), so an
+    observer publishes counters that are in the database, never ahead of it. Called on the event
+    loop; must not block.
+    """
+
+    def progress(self, row: Mapping[str, Any]) -> None:
+        """Counters changed (after each committed discovery batch or training chunk)."""
+
+    def state(self, state: str, reason: str, row: Mapping[str, Any]) -> None:
+        """The worker committed a state change (discovering -> running / failed, running -> completed / failed)."""
+
+    async def close(self) -> None:
+        """The runner ends (finished, stopped, lease lost); the session is no longer owned here."""
+
+
+class StopSignal:
+    """Why and whether a session runner must stop, readable from the event loop and the walk thread.
+
+    Set by the runner's watcher (paused, cancelled, deleted, lease lost) or by shutdown; the walk
+    thread polls `threading_event` through `Walk.should_stop`, coroutines wait on `event`.
+    """
+
+    def __init__(self) -> None:
+        self.threading_event = threading.Event()
+        self.event = asyncio.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        if self.threading_event.is_set():
+            return
+        self.reason = reason
+        self.threading_event.set()
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.threading_event.is_set()
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """Everything a phase of one claimed session needs."""
+
+    db: Database
+    claim: Claim
+    stop: StopSignal
+    roots: tuple[Path, ...]
+    batch_size: int
+    observer: RunObserver | None = None
+
+    def progress(self, row: Mapping[str, Any]) -> None:
+        if self.observer is not None:
+            self.observer.progress(row)
+
+    def state(self, row: Mapping[str, Any]) -> None:
+        if self.observer is not None:
+            self.observer.state(str(row["state"]), str(row["state_reason"]), row)

@@ -1,0 +1,495 @@
+"""Discovery (state `discovering`): walk the selected subdirectories and record assets and jobs.
+
+The walk (`imagetraining.walk.Walk`, blocking `os.scandir`) runs in a thread and hands batches to the
+event loop through a small bounded queue, so walking the next directories overlaps with writing the
+previous batch, and a slow database slows the walk down instead of filling memory.
+
+Each batch is ONE transaction, fenced on the session row (`claims.fence`):
+- a set-based upsert of the batch's assets (`unnest` + `ON CONFLICT (path)`), classified new /
+  changed / unchanged by (size, mtime_ns); an unchanged asset keeps its hash;
+- the session's jobs inserted `ON CONFLICT DO NOTHING`; finished jobs of changed assets go back to
+  `pending` and the training counters go down by as many, in the same statement;
+- unreadable paths recorded in `discovery_issues` (`ON CONFLICT DO NOTHING`);
+- counters and the checkpoint advanced.
+
+Exact counters after a crash (the walk restarts from the beginning; it is deterministic):
+- the walk's own counters (directories, files, images, unreadable) count the current pass from
+  zero, so they are written as `GREATEST(stored, walk's)`: they never go backwards and end equal to
+  the true counts of a full pass;
+- new / changed / unchanged cannot be re-derived by a second pass (what the crashed pass upserted
+  now looks unchanged). The checkpoint stores how many images of the walk order the committed
+  batches covered (`{"images": K}`, in the same transaction as the counters), and a re-walk counts
+  only images from position K on. Every image is still upserted (idempotent), so a file added in
+  the meantime is never missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from discovery_worker.claims import RunContext, fault_point, fence, notify
+from imagetraining.formats import describe, normalize_extensions
+from imagetraining.paths import is_within
+from imagetraining.walk import FoundFile, Issue, Walk
+
+log = logging.getLogger(__name__)
+
+# A batch is written at least this often while images are found, so progress stays live.
+FLUSH_SECONDS = 1.0
+# Batches waiting for the writer; the walk blocks beyond this (memory bound, back-pressure).
+QUEUE_BATCHES = 2
+
+
+class FenceLost(Exception):
+    """The session is no longer ours in the expected state: roll back, write nothing more."""
+
+
+@dataclass(slots=True)
+class Plan:
+    """What to walk: selected subdirectories (id, path) and the session's walk configuration."""
+
+    subdirectories: list[tuple[int, str]]
+    extensions: tuple[str, ...]
+    recursive: bool
+    batch_size: int
+
+
+@dataclass(slots=True)
+class WalkBatch:
+    files: list[FoundFile] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+    start_index: int = 0  # position of files[0] among all images of this walk, in walk order
+    directories_scanned: int = 0
+    files_seen: int = 0
+    images_found: int = 0
+    unreadable: int = 0
+    current_directory: str = ""
+    done: bool = False
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class DiscoveryTotals:
+    """Assets counted by this runner (for the log line)."""
+
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+
+
+async def load_plan(ctx: RunContext) -> Plan:
+    async with ctx.db.engine.connect() as conn:
+        config = (
+            await conn.execute(
+                text("SELECT config FROM training_sessions WHERE id = :id"), {"id": ctx.claim.session_id}
+            )
+        ).scalar_one()
+        rows = (
+            await conn.execute(
+                text(
+                    """
+                    SELECT id, path FROM session_subdirectories
+                     WHERE session_id = :id AND selected
+                     ORDER BY path
+                    """
+                ),
+                {"id": ctx.claim.session_id},
+            )
+        ).all()
+    config = dict(config or {})
+    try:
+        extensions = normalize_extensions(config.get("extensions") or ())
+    except ValueError:
+        extensions = normalize_extensions(())
+    batch_size = int(config.get("batch_size") or 0) or ctx.batch_size
+    return Plan(
+        subdirectories=[(int(r.id), str(r.path)) for r in rows],
+        extensions=extensions,
+        recursive=bool(config.get("recursive", True)),
+        batch_size=max(1, batch_size),
+    )
+
+
+def _walk_thread(
+    ctx: RunContext,
+    plan: Plan,
+    loop: asyncio.AbstractEventLoop,
+    queue: asyncio.Queue[WalkBatch],
+    abort: threading.Event,
+) -> None:
+    """Runs in a thread: walk, cut batches, hand them to the loop. Returns when done or stopped."""
+
+    def stopping() -> bool:
+        return ctx.stop.is_set() or abort.is_set()
+
+    def put(batch: WalkBatch) -> bool:
+        future = asyncio.run_coroutine_threadsafe(queue.put(batch), loop)
+        while True:
+            try:
+                future.result(timeout=0.1)
+                return True
+            except concurrent.futures.TimeoutError:
+                if stopping():
+                    future.cancel()
+                    return False
+
+    pre_issues: list[Issue] = []
+    tops: list[str] = []
+    for _sid, path in plan.subdirectories:
+        # Control validated the selection; a root changed since (or a path swapped for a symlink) is refused here.
+        if is_within(os.path.realpath(path), ctx.roots):
+            tops.append(path)
+        else:
+            tops.append("")
+            pre_issues.append(Issue(path, "outside the configured library roots; not walked"))
+    walk = Walk(
+        [t for t in tops if t],
+        plan.extensions,
+        ctx.roots,
+        recursive=plan.recursive,
+        should_stop=stopping,
+    )
+    # Walk.top indexes the walked list; map it back to the subdirectory row.
+    walked_ids = [sid for (sid, _p), t in zip(plan.subdirectories, tops, strict=True) if t]
+    index = 0
+    batch = WalkBatch(issues=list(pre_issues))
+    last_flush = time.monotonic()
+
+    def cut(done: bool) -> WalkBatch:
+        c = walk.counters
+        batch.start_index = index
+        batch.directories_scanned = c.directories_scanned
+        batch.files_seen = c.files_seen
+        batch.images_found = c.images_found
+        batch.unreadable = c.issues + len(pre_issues)
+        batch.current_directory = "" if done else c.current_directory
+        batch.done = done
+        return batch
+
+    try:
+        for item in walk:
+            if isinstance(item, FoundFile):
+                item.top = walked_ids[item.top]  # from here on: the subdirectory id
+                batch.files.append(item)
+            else:
+                batch.issues.append(item)
+            full = len(batch.files) >= plan.batch_size or len(batch.issues) >= plan.batch_size
+            if full or time.monotonic() - last_flush >= FLUSH_SECONDS:
+                sent = cut(False)
+                if not put(sent):
+                    return
+                index += len(sent.files)
+                batch = WalkBatch()
+                last_flush = time.monotonic()
+        if walk.stopped or stopping():
+            return
+        put(cut(True))
+    except BaseException as exc:  # reported to the loop, which fails the runner with it
+        put(WalkBatch(done=True, error=exc))
+
+
+_UPSERT_ASSETS = text(
+    """
+    WITH input AS (
+        SELECT * FROM unnest(CAST(:paths AS text[]), CAST(:sizes AS bigint[]), CAST(:mtimes AS bigint[]))
+                 AS t(path, size_bytes, mtime_ns)
+    ),
+    before AS (
+        SELECT a.id, a.path FROM image_assets a JOIN input i ON i.path = a.path
+    ),
+    upserted AS (
+        INSERT INTO image_assets AS a (path, size_bytes, mtime_ns)
+        SELECT path, size_bytes, mtime_ns FROM input ORDER BY path
+        ON CONFLICT (path) DO UPDATE
+           SET size_bytes = EXCLUDED.size_bytes, mtime_ns = EXCLUDED.mtime_ns, update_time = now()
+         WHERE a.size_bytes <> EXCLUDED.size_bytes OR a.mtime_ns <> EXCLUDED.mtime_ns
+        RETURNING a.id, a.path, (a.xmax = 0) AS inserted
+    )
+    SELECT id, path, CASE WHEN inserted THEN 'new' ELSE 'changed' END AS kind FROM upserted
+    UNION ALL
+    SELECT b.id, b.path, 'unchanged' FROM before b
+     WHERE NOT EXISTS (SELECT 1 FROM upserted u WHERE u.path = b.path)
+    """
+)
+
+# Rows another transaction inserted while ours ran (two sessions over the same files): unchanged.
+_LOOKUP_ASSETS = text("SELECT id, path FROM image_assets WHERE path = ANY(CAST(:paths AS text[]))")
+
+_INSERT_JOBS = text(
+    """
+    INSERT INTO training_jobs (session_id, asset_id, subdirectory_id)
+    SELECT :id, t.asset_id, t.subdirectory_id
+      FROM unnest(CAST(:asset_ids AS bigint[]), CAST(:subdirectory_ids AS bigint[])) AS t(asset_id, subdirectory_id)
+     ORDER BY t.asset_id
+    ON CONFLICT (session_id, asset_id) DO NOTHING
+    """
+)
+
+# Finished jobs whose file changed (or whose hash is stale: another session saw the change first)
+# go back to pending; the counters that counted them go down in the same statement.
+_RESET_CHANGED_JOBS = text(
+    """
+    WITH old AS (
+        SELECT j.id, j.state
+          FROM training_jobs j JOIN image_assets a ON a.id = j.asset_id
+         WHERE j.session_id = :id
+           AND j.asset_id = ANY(CAST(:asset_ids AS bigint[]))
+           AND (   (j.asset_id = ANY(CAST(:changed_ids AS bigint[])) AND j.state IN ('completed', 'failed', 'skipped'))
+                OR (j.state IN ('completed', 'skipped')
+                    AND (a.hashed_size_bytes, a.hashed_mtime_ns) IS DISTINCT FROM (a.size_bytes, a.mtime_ns)))
+           FOR UPDATE OF j
+    ),
+    reset AS (
+        UPDATE training_jobs j
+           SET state = 'pending', error_class = '', error_message = '', skip_reason = '',
+               duplicate_of_asset_id = NULL, update_time = now()
+          FROM old WHERE j.id = old.id
+        RETURNING old.state AS old_state
+    )
+    UPDATE training_sessions
+       SET processed_images = processed_images - (SELECT count(*) FROM reset WHERE old_state = 'completed'),
+           failed_images = failed_images - (SELECT count(*) FROM reset WHERE old_state = 'failed'),
+           skipped_images = skipped_images - (SELECT count(*) FROM reset WHERE old_state = 'skipped')
+     WHERE id = :id
+    """
+)
+
+_INSERT_ISSUES = text(
+    """
+    INSERT INTO discovery_issues (session_id, path, reason)
+    SELECT :id, t.path, t.reason FROM unnest(CAST(:paths AS text[]), CAST(:reasons AS text[])) AS t(path, reason)
+    ON CONFLICT (session_id, path) DO NOTHING
+    """
+)
+
+_ADVANCE = text(
+    """
+    UPDATE training_sessions
+       SET directories_scanned = GREATEST(directories_scanned, :directories_scanned),
+           files_seen = GREATEST(files_seen, :files_seen),
+           images_found = GREATEST(images_found, :images_found),
+           unreadable_paths = GREATEST(unreadable_paths, :unreadable),
+           current_directory = :current_directory,
+           assets_new = assets_new + :new,
+           assets_changed = assets_changed + :changed,
+           assets_unchanged = assets_unchanged + :unchanged,
+           discovery_checkpoint = CAST(:checkpoint AS jsonb)
+     WHERE id = :id
+    RETURNING *
+    """
+)
+
+
+async def _upsert_assets(conn: AsyncConnection, files: list[FoundFile]) -> dict[str, tuple[int, str]]:
+    """path -> (asset id, 'new' | 'changed' | 'unchanged'), for every file of the batch."""
+    if not files:
+        return {}
+    params = {
+        "paths": [f.path for f in files],
+        "sizes": [f.size for f in files],
+        "mtimes": [f.mtime_ns for f in files],
+    }
+    out = {str(r.path): (int(r.id), str(r.kind)) for r in (await conn.execute(_UPSERT_ASSETS, params)).all()}
+    missing = [f.path for f in files if f.path not in out]
+    if missing:
+        for r in (await conn.execute(_LOOKUP_ASSETS, {"paths": missing})).all():
+            out[str(r.path)] = (int(r.id), "unchanged")
+    return out
+
+
+async def write_batch(ctx: RunContext, batch: WalkBatch, totals: DiscoveryTotals) -> None:
+    """One fenced transaction per batch; raises FenceLost (after rolling back) when the session is not ours."""
+    sid = ctx.claim.session_id
+    # Paths are unique within a walk; a duplicate would make ON CONFLICT DO UPDATE fail the batch.
+    files = list({f.path: f for f in batch.files}.values())
+    async with ctx.db.engine.begin() as conn:
+        checkpoint = await fence(conn, ctx.claim, "discovering")
+        if checkpoint is None:
+            raise FenceLost
+        counted_from = int(checkpoint.get("images", 0))
+        assets = await _upsert_assets(conn, files)
+        if files:
+            await conn.execute(
+                _INSERT_JOBS,
+                {
+                    "id": sid,
+                    "asset_ids": [assets[f.path][0] for f in files],
+                    "subdirectory_ids": [f.top for f in files],
+                },
+            )
+            known = [aid for aid, kind in assets.values() if kind != "new"]
+            if known:  # a new asset's job was just inserted pending: nothing to reset
+                changed_ids = [aid for aid, kind in assets.values() if kind == "changed"]
+                await conn.execute(_RESET_CHANGED_JOBS, {"id": sid, "asset_ids": known, "changed_ids": changed_ids})
+        if batch.issues:
+            await conn.execute(
+                _INSERT_ISSUES,
+                {
+                    "id": sid,
+                    "paths": [i.path for i in batch.issues],
+                    "reasons": [i.reason[:1000] for i in batch.issues],
+                },
+            )
+        # Images before position `counted_from` were counted by a pass that crashed or was paused.
+        kinds = {"new": 0, "changed": 0, "unchanged": 0}
+        for position, f in enumerate(batch.files, start=batch.start_index):
+            if position >= counted_from:
+                kinds[assets[f.path][1]] += 1
+        covered = max(counted_from, batch.start_index + len(batch.files))
+        committed = await conn.execute(
+            _ADVANCE,
+            {
+                "id": sid,
+                "directories_scanned": batch.directories_scanned,
+                "files_seen": batch.files_seen,
+                "images_found": batch.images_found,
+                "unreadable": batch.unreadable,
+                "current_directory": batch.current_directory,
+                **kinds,
+                "checkpoint": json.dumps({"images": covered}),
+            },
+        )
+        row = dict(committed.mappings().one())
+        fault_point("discovery_batch_before_commit")
+    fault_point("discovery_batch_after_commit")
+    ctx.progress(row)
+    totals.new += kinds["new"]
+    totals.changed += kinds["changed"]
+    totals.unchanged += kinds["unchanged"]
+
+
+_TO_RUNNING = text(
+    """
+    UPDATE training_sessions
+       SET state = 'running', total_final = true,
+           total_images = (SELECT count(*) FROM training_jobs WHERE session_id = :id),
+           discovery_finished_at = now(), current_directory = '',
+           update_time = now(), event_sequence = event_sequence + 1
+     WHERE id = :id
+    RETURNING *
+    """
+)
+
+_NO_IMAGES = text(
+    """
+    UPDATE training_sessions
+       SET state = 'failed', state_reason = :reason, total_final = true, total_images = 0,
+           discovery_finished_at = now(), end_time = now(), current_directory = '',
+           owner_id = NULL, owner_address = NULL, lease_expires_at = NULL,
+           update_time = now(), event_sequence = event_sequence + 1
+     WHERE id = :id
+    RETURNING *
+    """
+)
+
+# Recursive per-subdirectory counts. Jobs name the selected directory whose walk found them, which
+# is the outermost selected one (tops are walked in path order and a directory is walked once), so a
+# GROUP BY gives the recursive counts; a selected directory nested in another selected one is counted
+# by path prefix (rare, and only for those).
+_SUBDIRECTORY_COUNTS = text(
+    """
+    WITH direct AS (
+        SELECT subdirectory_id AS id, count(*) AS images,
+               count(*) FILTER (WHERE state IN ('completed', 'skipped')) AS trained
+          FROM training_jobs WHERE session_id = :id
+         GROUP BY subdirectory_id
+    ),
+    nested AS (
+        SELECT s2.id, count(*) AS images,
+               count(*) FILTER (WHERE j.state IN ('completed', 'skipped')) AS trained
+          FROM session_subdirectories s2
+          JOIN training_jobs j ON j.session_id = s2.session_id
+          JOIN image_assets a ON a.id = j.asset_id AND starts_with(a.path, rtrim(s2.path, '/') || '/')
+         WHERE s2.id = ANY(CAST(:nested_ids AS bigint[]))
+         GROUP BY s2.id
+    )
+    UPDATE session_subdirectories s
+       SET image_count = COALESCE(n.images, d.images, 0), trained_count = COALESCE(n.trained, d.trained, 0)
+      FROM session_subdirectories s3
+      LEFT JOIN direct d ON d.id = s3.id
+      LEFT JOIN nested n ON n.id = s3.id
+     WHERE s.id = s3.id AND s3.session_id = :id AND s3.selected
+    """
+)
+
+
+def nested_ids(subdirectories: list[tuple[int, str]]) -> list[int]:
+    """Selected directories that lie inside another selected directory."""
+    prefixes = [p.rstrip("/") + "/" for _i, p in subdirectories]
+    return [sid for sid, path in subdirectories if any(path.startswith(q) and path + "/" != q for q in prefixes)]
+
+
+def no_images_reason(plan: Plan) -> str:
+    searched = ", ".join(p for _i, p in plan.subdirectories) or "(no subdirectory selected)"
+    return (
+        "Selected subdirectories contain no image files. "
+        f"Supported formats: {describe(plan.extensions)}. Searched: {searched}"
+    )
+
+
+async def finish(ctx: RunContext, plan: Plan, final: WalkBatch) -> tuple[str, int]:
+    """Fenced end of the walk: -> running with the final total, or -> failed when nothing was found.
+
+    Returns (new state, total images). Raises FenceLost.
+    """
+    sid = ctx.claim.session_id
+    fault_point("before_running_transition")
+    async with ctx.db.engine.begin() as conn:
+        if await fence(conn, ctx.claim, "discovering") is None:
+            raise FenceLost
+        if final.images_found == 0:
+            row = dict((await conn.execute(_NO_IMAGES, {"id": sid, "reason": no_images_reason(plan)})).mappings().one())
+        else:
+            row = dict((await conn.execute(_TO_RUNNING, {"id": sid})).mappings().one())
+        await conn.execute(_SUBDIRECTORY_COUNTS, {"id": sid, "nested_ids": nested_ids(plan.subdirectories)})
+        await notify(conn, sid)
+    ctx.state(row)
+    return str(row["state"]), int(row["total_images"])
+
+
+async def run_discovery(ctx: RunContext) -> tuple[str, int, DiscoveryTotals, WalkBatch | None]:
+    """Walk and write until done; returns (state reached: 'running' | 'failed' | 'stopped', total, totals, last batch).
+
+    Raises FenceLost when a write found the session no longer ours.
+    """
+    plan = await load_plan(ctx)
+    totals = DiscoveryTotals()
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[WalkBatch] = asyncio.Queue(maxsize=QUEUE_BATCHES)
+    abort = threading.Event()
+    walker = loop.run_in_executor(None, _walk_thread, ctx, plan, loop, queue, abort)
+    stop_wait = asyncio.ensure_future(ctx.stop.event.wait())
+    final: WalkBatch | None = None
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getter, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if ctx.stop.is_set():
+                getter.cancel()
+                return "stopped", 0, totals, final
+            batch = getter.result()
+            if batch.error is not None:
+                raise batch.error
+            await write_batch(ctx, batch, totals)
+            final = batch
+            if batch.done:
+                break
+            if ctx.stop.is_set():
+                return "stopped", 0, totals, final
+        state, total = await finish(ctx, plan, batch)
+        return state, total, totals, final
+    finally:
+        stop_wait.cancel()
+        # The thread has finished, or returns within ~0.2 s of this (its walk and its put poll `abort`).
+        abort.set()
+        await asyncio.wait({walker}, timeout=5.0)

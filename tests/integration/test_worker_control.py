@@ -1,0 +1,212 @@
+"""Pause, resume and cancel reach the worker within two seconds in the walk and in the hashing, and stick."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from discovery_worker.worker import WorkerHandle, run_worker
+from imagetraining.db.engine import Database
+from imagetraining.settings import Settings
+from tests import worker_support as ws
+from tests.conftest import wait_for
+from tests.images import write_jpeg
+
+EMPTY_DIRS, EMPTY_PER_DIR = 100, 100  # 10,000 empty .jpg files: discovery never decodes
+
+
+@pytest.fixture
+def library() -> Iterator[Path]:
+    """The library root of these tests: in RAM where possible, since they create 10,000 files."""
+    with tempfile.TemporaryDirectory(prefix="imagetraining-lib-", dir=ws.fast_tmp_parent()) as tmp:
+        yield Path(tmp).resolve()
+
+
+@pytest.fixture
+async def worker(
+    clean_db: Database, make_settings: Callable[..., Settings], library: Path
+) -> AsyncIterator[WorkerHandle]:
+    handle = await run_worker(make_settings(library_roots=(library,), pool_size=2, batch_size=100), migrate=False)
+    yield handle
+    await handle.stop()
+
+
+@pytest.fixture
+async def slow_worker(
+    clean_db: Database, make_settings: Callable[..., Settings], library: Path
+) -> AsyncIterator[WorkerHandle]:
+    """A worker whose trainer takes 0.2 s per image: hashing is reliably under way when the test acts."""
+    handle = await run_worker(
+        make_settings(library_roots=(library,), pool_size=2, trainer="tests.trainers:SlowTrainer"), migrate=False
+    )
+    yield handle
+    await handle.stop()
+
+
+def empty_tree(root: Path) -> int:
+    for d in range(EMPTY_DIRS):
+        folder = root / f"d{d:03d}"
+        folder.mkdir(parents=True)
+        for f in range(EMPTY_PER_DIR):
+            (folder / f"f{f:03d}.jpg").touch()
+    return EMPTY_DIRS * EMPTY_PER_DIR
+
+
+async def released_within(db: Database, sid: int, seconds: float) -> dict[str, object]:
+    """Wait until the worker handed the session back; fail if it took longer than `seconds`."""
+    t0 = time.monotonic()
+
+    async def released() -> dict[str, object] | None:
+        row = await ws.session(db, sid)
+        return row if row["owner_id"] is None else None
+
+    row: dict[str, object] = await wait_for(released, timeout=seconds, what=f"session {sid} released")
+    assert time.monotonic() - t0 < seconds
+    return row
+
+
+async def worker_made_progress(db: Database, library: Path, name: str) -> None:
+    """Proof that time passed for the worker: a small session started after the stop completes."""
+    write_jpeg(library / name / "one.jpg", 32, 24, seed=hash(name) % 1000)
+    sid = await ws.start_session(db, library, [library / name], name=name)
+
+    async def completed() -> bool:
+        return await ws.state(db, sid) == "completed"
+
+    await wait_for(completed, timeout=20, what=f"{name} completed")
+
+
+async def test_pause_and_resume_during_the_walk(clean_db: Database, worker: WorkerHandle, library: Path) -> None:
+    total = empty_tree(library / "big")
+    sid = await ws.start_session(clean_db, library, [library / "big"])
+
+    async def walking() -> bool:
+        row = await ws.session(clean_db, sid)
+        return row["state"] == "discovering" and row["images_found"] > 0
+
+    await wait_for(walking, timeout=20, what="the walk to be under way")
+    assert await ws.pause(clean_db, sid)
+    paused = await released_within(clean_db, sid, 2.0)
+    assert paused["state"] == "paused" and not paused["total_final"]
+    assert 0 < int(paused["images_found"]) < total  # type: ignore[call-overload]
+
+    await worker_made_progress(clean_db, library, "small1")
+    after = await ws.session(clean_db, sid)
+    assert after["state"] == "paused" and ws.counters(after) == ws.counters(paused)  # type: ignore[arg-type]
+
+    # Resume: the walk starts over (idempotent) and the counters end exact, nothing counted twice.
+    assert await ws.resume(clean_db, sid)
+
+    async def running() -> dict[str, object] | None:
+        row = await ws.session(clean_db, sid)
+        return row if row["state"] == "running" else None
+
+    row = await wait_for(running, timeout=60, what="discovery to finish")
+    assert (row["images_found"], row["assets_new"], row["assets_unchanged"], row["total_images"]) == (
+        total,
+        total,
+        0,
+        total,
+    )
+    assert row["directories_scanned"] == EMPTY_DIRS + 1 and row["files_seen"] == total
+    assert await ws.scalar(clean_db, "SELECT count(*) FROM training_jobs WHERE session_id = :id", id=sid) == total
+
+    # Cancel during the training of 10,000 empty files (each fails fast as 'empty').
+    async def training() -> bool:
+        return int((await ws.session(clean_db, sid))["failed_images"]) > 0
+
+    await wait_for(training, timeout=20, what="training to be under way")
+    assert await ws.cancel(clean_db, sid)
+    cancelled = await released_within(clean_db, sid, 2.0)
+    assert cancelled["state"] == "cancelled"
+    assert int(cancelled["failed_images"]) < total  # type: ignore[call-overload]
+    await worker_made_progress(clean_db, library, "small2")
+    after = await ws.session(clean_db, sid)
+    assert after["state"] == "cancelled" and ws.counters(after) == ws.counters(cancelled)  # type: ignore[arg-type]
+    jobs_failed = await ws.scalar(
+        clean_db, "SELECT count(*) FROM training_jobs WHERE session_id = :id AND state = 'failed'", id=sid
+    )
+    assert jobs_failed == after["failed_images"]
+
+
+async def test_cancel_during_the_walk(clean_db: Database, worker: WorkerHandle, library: Path) -> None:
+    empty_tree(library / "big")
+    sid = await ws.start_session(clean_db, library, [library / "big"])
+
+    async def walking() -> bool:
+        row = await ws.session(clean_db, sid)
+        return row["state"] == "discovering" and row["images_found"] > 0
+
+    await wait_for(walking, timeout=20, what="the walk to be under way")
+    assert await ws.cancel(clean_db, sid)
+    cancelled = await released_within(clean_db, sid, 2.0)
+    await worker_made_progress(clean_db, library, "small")
+    after = await ws.session(clean_db, sid)
+    assert after["state"] == "cancelled" and after["state_reason"] == "cancelled by a client"
+    assert ws.counters(after) == ws.counters(cancelled)  # type: ignore[arg-type]
+
+
+async def test_pause_and_resume_during_hashing_then_restart(
+    clean_db: Database, slow_worker: WorkerHandle, library: Path
+) -> None:
+    count = 24
+    for i in range(count):
+        write_jpeg(library / "photos" / f"p{i // 10}" / f"img{i:04d}.jpg", 160, 120, seed=i)
+    sid = await ws.start_session(clean_db, library, [library / "photos"])
+
+    async def hashing() -> bool:
+        row = await ws.session(clean_db, sid)
+        return row["state"] == "running" and int(row["processed_images"]) > 0
+
+    await wait_for(hashing, timeout=30, what="hashing to be under way")
+    assert await ws.pause(clean_db, sid)
+    paused = await released_within(clean_db, sid, 2.0)
+    assert paused["state"] == "paused" and paused["resume_state"] == "running"
+    assert 0 < int(paused["processed_images"]) < count  # type: ignore[call-overload]
+    await worker_made_progress(clean_db, library, "small")
+    after = await ws.session(clean_db, sid)
+    assert after["state"] == "paused" and ws.counters(after) == ws.counters(paused)  # type: ignore[arg-type]
+
+    # Resume continues with the pending jobs: nothing done twice.
+    assert await ws.resume(clean_db, sid)
+
+    async def completed() -> dict[str, object] | None:
+        row = await ws.session(clean_db, sid)
+        return row if row["state"] == "completed" else None
+
+    row = await wait_for(completed, timeout=60, what="completion after resume")
+    assert (row["processed_images"], row["failed_images"], row["skipped_images"]) == (count, 0, 0)
+    jobs = await ws.jobs(clean_db, sid)
+    assert len(jobs) == count and all(j["attempts"] == 1 and j["state"] == "completed" for j in jobs)
+
+    # Restart ALL of the finished session after touching one file: only that one is decoded again.
+    changed = library / "photos" / "p0" / "img0000.jpg"
+    write_jpeg(changed, 160, 120, seed=9999)
+    assert await ws.restart_all(clean_db, sid)
+    row = await wait_for(completed, timeout=60, what="completion after restart")
+    assert (row["assets_changed"], row["assets_unchanged"], row["assets_new"]) == (1, count - 1, 0)
+    assert (row["processed_images"], row["total_images"]) == (count, count)
+    attempts = {j["path"]: j["attempts"] for j in await ws.jobs(clean_db, sid)}
+    assert attempts.pop(str(changed)) == 2 and set(attempts.values()) == {1}
+
+
+async def test_cancel_during_hashing(clean_db: Database, slow_worker: WorkerHandle, library: Path) -> None:
+    for i in range(100):
+        write_jpeg(library / "photos" / f"img{i:04d}.jpg", 160, 120, seed=i)
+    sid = await ws.start_session(clean_db, library, [library / "photos"])
+
+    async def hashing() -> bool:
+        row = await ws.session(clean_db, sid)
+        return row["state"] == "running" and int(row["processed_images"]) > 0
+
+    await wait_for(hashing, timeout=30, what="hashing to be under way")
+    assert await ws.cancel(clean_db, sid)
+    cancelled = await released_within(clean_db, sid, 2.0)
+    await worker_made_progress(clean_db, library, "small")
+    after = await ws.session(clean_db, sid)
+    assert after["state"] == "cancelled" and ws.counters(after) == ws.counters(cancelled)  # type: ignore[arg-type]
+    assert 0 < int(after["processed_images"]) < 100  # type: ignore[call-overload]

@@ -1,0 +1,317 @@
+"""Helpers of the discovery-worker tests: sessions made the way the control service makes them, row reads.
+
+`start_session` writes what StartSession commits (a session in `discovering` with selected
+subdirectories) and sends the same notification, so these tests need no control service; the
+guarded transitions (pause, cancel, resume) are the same SQL as docs/architecture.md describes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sqlalchemy import text
+
+from imagetraining.db.engine import Database
+
+
+async def start_session(
+    db: Database,
+    root: Path,
+    subdirectories: Sequence[Path],
+    *,
+    config: dict[str, Any] | None = None,
+    name: str = "test",
+) -> int:
+    """A session in `discovering` (as StartSession leaves it) over the given selected subdirectories."""
+    async with db.engine.begin() as conn:
+        sid = int(
+            (
+                await conn.execute(
+                    text(
+                        """
+                        INSERT INTO training_sessions (display_name, root_path, state, config, start_time)
+                        VALUES (:name, :root, 'discovering', CAST(:config AS jsonb), now())
+                        RETURNING id
+                        """
+                    ),
+                    {"name": name, "root": str(root), "config": json.dumps(config or {})},
+                )
+            ).scalar_one()
+        )
+        for path in subdirectories:
+            await conn.execute(
+                text("INSERT INTO session_subdirectories (session_id, path, selected) VALUES (:id, :path, true)"),
+                {"id": sid, "path": str(path)},
+            )
+        await conn.execute(text("SELECT pg_notify('imagetraining_sessions', :p)"), {"p": str(sid)})
+    return sid
+
+
+async def transition(db: Database, sid: int, allowed: Sequence[str], assignments: str) -> bool:
+    """A guarded transition as the control service writes it; False when the state did not allow it."""
+    async with db.engine.begin() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    f"""
+                    UPDATE training_sessions SET {assignments}, update_time = now(),
+                           event_sequence = event_sequence + 1
+                     WHERE id = :id AND state = ANY(:allowed) RETURNING id
+                    """
+                ),
+                {"id": sid, "allowed": list(allowed)},
+            )
+        ).first()
+        await conn.execute(text("SELECT pg_notify('imagetraining_sessions', :p)"), {"p": str(sid)})
+    return row is not None
+
+
+async def pause(db: Database, sid: int) -> bool:
+    return await transition(db, sid, ("discovering", "running"), "state = 'paused', resume_state = state")
+
+
+async def resume(db: Database, sid: int) -> bool:
+    return await transition(db, sid, ("paused",), "state = COALESCE(resume_state, 'discovering'), resume_state = NULL")
+
+
+async def cancel(db: Database, sid: int) -> bool:
+    return await transition(
+        db,
+        sid,
+        ("pending", "discovering", "running", "paused"),
+        "state = 'cancelled', end_time = now(), state_reason = 'cancelled by a client'",
+    )
+
+
+RESET_RUN = """
+    start_time = now(), end_time = NULL, state_reason = '', resume_state = NULL, attempts = 0,
+    owner_id = NULL, owner_address = NULL, lease_expires_at = NULL,
+    total_final = false, directories_scanned = 0, files_seen = 0, images_found = 0,
+    assets_new = 0, assets_changed = 0, assets_unchanged = 0, unreadable_paths = 0,
+    current_directory = '', discovery_checkpoint = NULL,
+    discovery_started_at = NULL, discovery_finished_at = NULL"""
+
+
+async def restart_all(db: Database, sid: int) -> bool:
+    """RestartSession ALL as docs/architecture.md specifies it."""
+    ok = await transition(
+        db, sid, ("completed", "cancelled", "failed"), f"state = 'discovering', run_scope = 'all', {RESET_RUN}"
+    )
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE training_jobs SET state = 'pending' WHERE session_id = :id AND state = 'running'"), {"id": sid}
+        )
+    return ok
+
+
+async def restart_failed_only(db: Database, sid: int) -> int:
+    """RestartSession FAILED_ONLY as the control service commits it: one transaction; returns failed_images."""
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            text(
+                """
+                UPDATE training_sessions
+                   SET state = CASE WHEN total_final THEN 'running' ELSE 'discovering' END,
+                       run_scope = 'failed_only', start_time = now(), end_time = NULL, state_reason = '',
+                       resume_state = NULL, attempts = 0, owner_id = NULL, owner_address = NULL,
+                       lease_expires_at = NULL, event_sequence = event_sequence + 1
+                 WHERE id = :id AND state IN ('completed', 'cancelled', 'failed')
+                """
+            ),
+            {"id": sid},
+        )
+        failed = (
+            await conn.execute(
+                text(
+                    """
+                    WITH old AS (
+                        SELECT id, state FROM training_jobs
+                         WHERE session_id = :id AND state IN ('failed', 'running') FOR UPDATE),
+                    retried AS (
+                        UPDATE training_jobs j SET state = 'pending', error_class = '', error_message = ''
+                          FROM old WHERE j.id = old.id
+                        RETURNING (old.state = 'failed') AS was_failed)
+                    UPDATE training_sessions
+                       SET failed_images = failed_images - (SELECT count(*) FROM retried WHERE was_failed)
+                     WHERE id = :id
+                    RETURNING failed_images
+                    """
+                ),
+                {"id": sid},
+            )
+        ).scalar_one()
+        await conn.execute(text("SELECT pg_notify('imagetraining_sessions', :p)"), {"p": str(sid)})
+    return int(failed)
+
+
+async def session(db: Database, sid: int) -> dict[str, Any]:
+    async with db.engine.connect() as conn:
+        row = (await conn.execute(text("SELECT * FROM training_sessions WHERE id = :id"), {"id": sid})).mappings().one()
+    return dict(row)
+
+
+async def state(db: Database, sid: int) -> str:
+    return str((await session(db, sid))["state"])
+
+
+async def jobs(db: Database, sid: int) -> list[dict[str, Any]]:
+    async with db.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    """
+                    SELECT j.*, a.path, a.perceptual_hash, a.hash_algorithm, a.width, a.height, a.format,
+                           a.hashed_size_bytes, a.hashed_mtime_ns, a.size_bytes, a.mtime_ns
+                      FROM training_jobs j JOIN image_assets a ON a.id = j.asset_id
+                     WHERE j.session_id = :id ORDER BY j.id
+                    """
+                ),
+                {"id": sid},
+            )
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+async def scalar(db: Database, sql: str, **params: Any) -> Any:
+    async with db.engine.connect() as conn:
+        return (await conn.execute(text(sql), params)).scalar_one()
+
+
+async def subdirectories(db: Database, sid: int) -> dict[str, dict[str, Any]]:
+    async with db.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text("SELECT * FROM session_subdirectories WHERE session_id = :id ORDER BY path"), {"id": sid}
+            )
+        ).mappings()
+        return {str(r["path"]): dict(r) for r in rows}
+
+
+COUNTER_COLUMNS = (
+    "directories_scanned",
+    "files_seen",
+    "images_found",
+    "assets_new",
+    "assets_changed",
+    "assets_unchanged",
+    "unreadable_paths",
+    "total_images",
+    "processed_images",
+    "failed_images",
+    "skipped_images",
+)
+
+
+def counters(row: dict[str, Any]) -> dict[str, int]:
+    return {c: int(row[c]) for c in COUNTER_COLUMNS}
+
+
+def fast_tmp_parent() -> str | None:
+    """A RAM-backed directory for big generated trees (file creation on some CI disks costs ~1 ms)."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+class WorkerProcess:
+    """`python -m discovery_worker` as a real subprocess, its log in a file (read with `log()`)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, prefix: Sequence[str] = ()) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in exited()/kill()
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "discovery_worker"],
+            env={**env, "PYTHONDONTWRITEBYTECODE": "1"},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def exited(self, timeout: float) -> int:
+        async def gone() -> bool:
+            return self.proc.poll() is not None
+
+        from tests.conftest import wait_for
+
+        try:
+            await wait_for(gone, timeout=timeout, what="the worker process to exit")
+        except AssertionError:
+            raise AssertionError(f"worker did not exit; log:\n{self.log()[-3000:]}") from None
+        self._log.close()
+        return int(self.proc.returncode)
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+def worker_env(db_url: str, library: Path, **extra: str) -> dict[str, str]:
+    from tests.conftest import subprocess_env
+
+    values = {
+        "IMAGETRAINING_WORKER_ADDRESS": "127.0.0.1:0",
+        "IMAGETRAINING_POLL_SECONDS": "0.2",
+        "IMAGETRAINING_HEARTBEAT_SECONDS": "0.3",
+        "IMAGETRAINING_LEASE_SECONDS": "1.5",
+        "IMAGETRAINING_POOL_SIZE": "1",
+        "IMAGETRAINING_BATCH_SIZE": "100",
+        "IMAGETRAINING_GRACE_SECONDS": "1",
+        "IMAGETRAINING_DATA_DIR": str(library.parent / "data"),
+        "HOME": str(library.parent),
+    }
+    values.update(extra)
+    return subprocess_env(db_url, library, **values)
+
+
+def without_dac_override(db_url: str, scratch: Path) -> tuple[list[str], str]:
+    """A command prefix under which a mode-000 directory is really unreadable, and the URL to use under it.
+
+    Root reads any directory (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so as root the worker runs
+    under `setpriv` without those two capabilities: the same interpreter and user, with the
+    permission checks of an unprivileged deployment. The embedded PostgreSQL's socket lives in a
+    directory only its own user may enter; a hard link to the socket in `scratch` keeps it reachable.
+    Not root: nothing to do.
+    """
+    if os.geteuid() != 0:
+        return [], db_url
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        import pytest
+
+        pytest.skip("running as root without setpriv: cannot make a directory unreadable to the worker")
+    prefix = [
+        setpriv,
+        "--inh-caps=-dac_override,-dac_read_search",
+        "--bounding-set=-dac_override,-dac_read_search",
+        "--",
+    ]
+    parts = urlsplit(db_url)
+    query = dict(parse_qsl(parts.query))
+    host = query.get("host", "")
+    if host.startswith("/"):
+        sockets = scratch / "pgsocket"
+        sockets.mkdir(mode=0o755)
+        for sock in Path(host).glob(".s.PGSQL.*"):
+            if not sock.name.endswith(".lock"):
+                os.link(sock, sockets / sock.name)
+        query["host"] = str(sockets)
+        db_url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+    return prefix, db_url

@@ -1,0 +1,584 @@
+"""`imagetraining`: the command-line client of the control service, for people and for scripts.
+
+Every command is one or a few RPCs; nothing here touches the library on disk (paths are resolved to
+absolute ones only so that `imagetraining train ./photos` works from the directory you are in).
+Errors come back as "error: <CODE>: <message>" plus the google.rpc details, with exit code 2 for
+INVALID_ARGUMENT / FAILED_PRECONDITION / NOT_FOUND (fix the request), 3 for UNAVAILABLE (try again
+later) and 1 otherwise; `watch` and `train` exit 0 when the session completed and 1 when it failed or
+was cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeAlias
+
+import grpc
+from google.protobuf import json_format
+from rich.console import Console
+
+from imagetraining.cli import output
+from imagetraining.cli.client import (
+    DEFAULT_ADDRESS,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Client,
+    ClientOptions,
+    error_lines,
+    exit_code_for,
+    status_code,
+)
+from imagetraining.cli.watch import JsonLinesSink, Watcher, WatchGaveUp, fetch_outcomes
+from imagetraining.display import Outcomes, SessionDisplay, SessionView, session_id
+from imagetraining.v1 import resources_pb2 as pb
+from imagetraining.v1 import training_session_service_pb2 as tss
+
+SESSION_STATES = {
+    label.removeprefix("SESSION_STATE_").lower(): value
+    for label, value in pb.SessionState.items()
+    if value != pb.SESSION_STATE_UNSPECIFIED
+}
+# UpdateSubdirectories and CreateSession take at most this many paths per request.
+MAX_PATHS_PER_REQUEST = 1000
+JOB_STATES = {
+    label.removeprefix("JOB_STATE_").lower(): value
+    for label, value in pb.JobState.items()
+    if value != pb.JOB_STATE_UNSPECIFIED
+}
+
+
+class Context:
+    """What a command needs: its parsed arguments, a client, and where to write."""
+
+    def __init__(self, args: argparse.Namespace, out: Console, err: Console) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.json: bool = args.json
+        self.options = ClientOptions(
+            address=args.address,
+            token=args.token or None,
+            tls_ca=Path(args.tls_ca) if args.tls_ca else None,
+            timeout=args.timeout,
+        )
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.options)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def hint(self, text: str) -> None:
+        """A suggested next command: for people only, so on stderr and never in --json output."""
+        if not self.json:
+            self.err.print(text, style="dim", markup=False, highlight=False)
+
+
+def session_name(value: str) -> str:
+    """Both `7` and `sessions/7` name session 7; anything else goes to the server as typed, to judge."""
+    value = value.strip()
+    return f"sessions/{value}" if value.isdigit() else value
+
+
+def absolute(path: str) -> str:
+    """An absolute path for the server (relative ones are taken from the current directory)."""
+    return path if os.path.isabs(path) else os.path.abspath(path)
+
+
+def extensions(values: Sequence[str] | None) -> list[str]:
+    """`--ext jpg --ext .PNG,webp` -> ["jpg", "png", "webp"]."""
+    out: list[str] = []
+    for value in values or ():
+        for part in value.split(","):
+            part = part.strip().lstrip(".").lower()
+            if part and part not in out:
+                out.append(part)
+    return out
+
+
+def session_config(args: argparse.Namespace) -> pb.SessionConfig:
+    config = pb.SessionConfig(extensions=extensions(args.ext))
+    if args.no_recursive:
+        config.recursive = False
+    return config
+
+
+def request_id() -> str:
+    return str(uuid.uuid4())
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+
+def cmd_create(ctx: Context) -> int:
+    a = ctx.args
+    response: tss.CreateSessionResponse = ctx.client.call(
+        "CreateSession",
+        tss.CreateSessionRequest(
+            display_name=a.name or "",
+            root_path=absolute(a.root),
+            subdirectories=a.subdir or [],
+            config=session_config(a),
+            request_id=request_id(),
+        ),
+    )
+    session = response.session
+    if ctx.json:
+        output.print_json(ctx.out, response)
+        return EXIT_OK
+    ctx.out.print(output.session_panel(session))
+    sid = session_id(session.name)
+    if not any(sub.selected for sub in session.subdirectories):
+        ctx.hint(f"next: imagetraining sessions select {sid} SUBDIRECTORY...  (nothing is selected yet)")
+    else:
+        ctx.hint(f"next: imagetraining sessions start {sid}")
+    return EXIT_OK
+
+
+def cmd_list(ctx: Context) -> int:
+    a = ctx.args
+    state = SESSION_STATES[a.state] if a.state else pb.SESSION_STATE_UNSPECIFIED
+    merged = tss.ListSessionsResponse()
+    token = ""
+    while True:
+        response: tss.ListSessionsResponse = ctx.client.call(
+            "ListSessions", tss.ListSessionsRequest(page_size=a.page_size or 0, page_token=token, state=state)
+        )
+        merged.sessions.extend(response.sessions)
+        token = response.next_page_token
+        if not token or not a.all:
+            break
+    merged.next_page_token = token
+    if ctx.json:
+        output.print_json(ctx.out, merged)
+        return EXIT_OK
+    if not merged.sessions:
+        ctx.out.print("no sessions" + (f" in state {a.state}" if a.state else ""), highlight=False)
+    else:
+        ctx.out.print(output.sessions_table(merged.sessions))
+    if token:
+        ctx.hint("more sessions: add --all")
+    return EXIT_OK
+
+
+def cmd_get(ctx: Context) -> int:
+    response: tss.GetSessionResponse = ctx.client.call(
+        "GetSession", tss.GetSessionRequest(name=session_name(ctx.args.session))
+    )
+    if ctx.json:
+        output.print_json(ctx.out, response)
+    else:
+        ctx.out.print(output.session_panel(response.session))
+    return EXIT_OK
+
+
+def _transition(method: str, verb: str, build: Callable[[str], object], next_hint: str | None = None) -> Command:
+    def command(ctx: Context) -> int:
+        name = session_name(ctx.args.session)
+        response = ctx.client.call(method, build(name))  # type: ignore[arg-type]
+        if ctx.json:
+            output.print_json(ctx.out, response)
+            return EXIT_OK
+        session: pb.Session = response.session
+        ctx.out.print(output.session_line(session, verb))
+        if next_hint:
+            ctx.hint(next_hint.format(id=session_id(session.name)))
+        return EXIT_OK
+
+    return command
+
+
+cmd_start = _transition(
+    "StartSession",
+    "started",
+    lambda name: tss.StartSessionRequest(name=name, request_id=request_id()),
+    "watch it: imagetraining watch {id}",
+)
+cmd_pause = _transition(
+    "PauseSession",
+    "paused",
+    lambda name: tss.PauseSessionRequest(name=name),
+    "resume: imagetraining sessions resume {id}",
+)
+cmd_resume = _transition(
+    "ResumeSession", "resumed", lambda name: tss.ResumeSessionRequest(name=name), "watch it: imagetraining watch {id}"
+)
+cmd_cancel = _transition("CancelSession", "cancelled", lambda name: tss.CancelSessionRequest(name=name))
+
+
+def cmd_restart(ctx: Context) -> int:
+    scope = tss.RESTART_SCOPE_FAILED_ONLY if ctx.args.failed_only else tss.RESTART_SCOPE_ALL
+    return _transition(
+        "RestartSession",
+        "restarted",
+        lambda name: tss.RestartSessionRequest(name=name, scope=scope, request_id=request_id()),
+        "watch it: imagetraining watch {id}",
+    )(ctx)
+
+
+def cmd_delete(ctx: Context) -> int:
+    name = session_name(ctx.args.session)
+    response: tss.DeleteSessionResponse = ctx.client.call("DeleteSession", tss.DeleteSessionRequest(name=name))
+    if ctx.json:
+        output.print_json(ctx.out, response)
+    else:
+        ctx.out.print(f"{name} deleted", highlight=False)
+    return EXIT_OK
+
+
+def cmd_select(ctx: Context) -> int:
+    a = ctx.args
+    name = session_name(a.session)
+    selected = not a.unselect
+    response = update_selection(ctx, name, a.paths, selected)
+    if ctx.json:
+        output.print_json(ctx.out, response)
+        return EXIT_OK
+    ctx.out.print(output.session_panel(response.session))
+    if selected:
+        ctx.hint(
+            f"next: imagetraining validate {session_id(name)}  or  imagetraining sessions start {session_id(name)}"
+        )
+    return EXIT_OK
+
+
+def update_selection(ctx: Context, name: str, paths: Sequence[str], selected: bool) -> tss.UpdateSubdirectoriesResponse:
+    """UpdateSubdirectories in requests of at most MAX_PATHS_PER_REQUEST paths (the server's limit)."""
+    response = tss.UpdateSubdirectoriesResponse()
+    for start in range(0, len(paths), MAX_PATHS_PER_REQUEST):
+        chunk = paths[start : start + MAX_PATHS_PER_REQUEST]
+        response = ctx.client.call(
+            "UpdateSubdirectories",
+            tss.UpdateSubdirectoriesRequest(
+                name=name, selections=[tss.SubdirectorySelection(path=p, selected=selected) for p in chunk]
+            ),
+        )
+    return response
+
+
+# --- scan, validate, jobs ------------------------------------------------------------------------
+
+
+def cmd_scan(ctx: Context) -> int:
+    response: tss.ScanDirectoryResponse = ctx.client.call(
+        "ScanDirectory", tss.ScanDirectoryRequest(path=absolute(ctx.args.path), extensions=extensions(ctx.args.ext))
+    )
+    if ctx.json:
+        output.print_json(ctx.out, response)
+    else:
+        ctx.out.print(output.scan_output(response))
+    return EXIT_OK
+
+
+def cmd_validate(ctx: Context) -> int:
+    """Exit 0 when StartSession would succeed, 2 (as StartSession's refusal would) when not."""
+    name = session_name(ctx.args.session)
+    response: tss.ValidateSessionResponse = ctx.client.call("ValidateSession", tss.ValidateSessionRequest(name=name))
+    if ctx.json:
+        output.print_json(ctx.out, response)
+    else:
+        ctx.out.print(output.validate_output(response, name))
+    return EXIT_OK if response.valid else EXIT_USAGE
+
+
+def cmd_jobs(ctx: Context) -> int:
+    a = ctx.args
+    name = session_name(a.session)
+    state = JOB_STATES[a.state] if a.state else pb.JOB_STATE_UNSPECIFIED
+    merged = tss.ListJobsResponse()
+    token = ""
+    while True:
+        response: tss.ListJobsResponse = ctx.client.call(
+            "ListJobs", tss.ListJobsRequest(name=name, page_size=a.page_size or 0, page_token=token, state=state)
+        )
+        merged.jobs.extend(response.jobs)
+        token = response.next_page_token
+        if not token or not a.all:
+            break
+    merged.next_page_token = token
+    if ctx.json:
+        output.print_json(ctx.out, merged)
+        return EXIT_OK
+    if not merged.jobs:
+        ctx.out.print(f"no jobs{f' in state {a.state}' if a.state else ''} in {name}", highlight=False)
+    else:
+        ctx.out.print(output.jobs_table(merged.jobs))
+    if token:
+        ctx.hint("more jobs: add --all")
+    return EXIT_OK
+
+
+# --- watch and train -----------------------------------------------------------------------------
+
+
+def _watch(ctx: Context, name: str, after_sequence: int = 0, *, just_started: bool = False) -> int:
+    """Follow a session to its terminal state; 0 completed, 1 failed or cancelled.
+
+    `just_started` (train): the server answered a moment ago, so even a first failed connection is
+    worth retrying; a plain `watch` of an unreachable server fails at once with exit 3.
+    """
+    if ctx.json:
+        sink = JsonLinesSink(ctx.out)
+        view = Watcher(ctx.client, sink, retry_first_connect=just_started).run(name, after_sequence)
+        return EXIT_OK if view.state == pb.SESSION_STATE_COMPLETED else EXIT_FAILURE
+    display = SessionDisplay(ctx.out, plain=True if ctx.args.plain else None)
+    watcher = Watcher(ctx.client, display, retry_first_connect=just_started)
+    try:
+        with display:
+            view = watcher.run(name, after_sequence)
+        display.finish(_outcomes(ctx, name, view))
+    except KeyboardInterrupt:
+        display.stop()
+        ctx.err.print(
+            f"stopped watching {name}; it goes on. Watch again: imagetraining watch {session_id(name)}",
+            markup=False,
+            highlight=False,
+        )
+        return EXIT_INTERRUPTED
+    if watcher.polling:
+        ctx.hint("(this server has no WatchSession: progress was polled)")
+    return EXIT_OK if view.state == pb.SESSION_STATE_COMPLETED else EXIT_FAILURE
+
+
+def _outcomes(ctx: Context, name: str, view: SessionView) -> Outcomes | None:
+    try:
+        return fetch_outcomes(ctx.client, name, view)
+    except grpc.RpcError:
+        # The summary still has the counters; the grouping is a bonus.
+        return None
+
+
+def cmd_watch(ctx: Context) -> int:
+    return _watch(ctx, session_name(ctx.args.session), ctx.args.after_sequence)
+
+
+def cmd_train(ctx: Context) -> int:
+    """Scan PATH, create a session with every immediate subdirectory selected, start it, watch it."""
+    a = ctx.args
+    path = absolute(a.path)
+    exts = extensions(a.ext)
+    scan: tss.ScanDirectoryResponse = ctx.client.call(
+        "ScanDirectory", tss.ScanDirectoryRequest(path=path, extensions=exts)
+    )
+    if not scan.subdirectories:
+        return _no_subdirectories(ctx, scan)
+    total = sum(sub.image_count for sub in scan.subdirectories)
+    recursive = not a.no_recursive
+    if total == 0 and recursive and not scan.truncated:
+        ctx.err.print(
+            f"error: no images in the subdirectories of {scan.path} (formats: {', '.join(scan.extensions)}); "
+            "nothing to train. Add --ext for other formats.",
+            markup=False,
+            highlight=False,
+        )
+        return EXIT_USAGE
+    created: tss.CreateSessionResponse = ctx.client.call(
+        "CreateSession",
+        tss.CreateSessionRequest(
+            display_name=a.name or "", root_path=path, config=session_config(a), request_id=request_id()
+        ),
+    )
+    name = created.session.name
+    # CreateSession without subdirectories lists the root's immediate subdirectories unselected.
+    paths = [sub.path for sub in created.session.subdirectories] or [sub.path for sub in scan.subdirectories]
+    update_selection(ctx, name, paths, True)
+    started: tss.StartSessionResponse = ctx.client.call(
+        "StartSession", tss.StartSessionRequest(name=name, request_id=request_id())
+    )
+    if ctx.json:
+        # One line, like the events that follow: the whole output is JSON lines.
+        ctx.out.out(json_format.MessageToJson(started, indent=None), highlight=False)
+    else:
+        ctx.out.print(
+            output.session_line(started.session, f"started over {len(paths)} subdirectories ({total:,} images)")
+        )
+    return _watch(ctx, name, just_started=True)
+
+
+def _no_subdirectories(ctx: Context, scan: tss.ScanDirectoryResponse) -> int:
+    """The service trains subdirectories of a root: say so, and how to train this folder anyway."""
+    parent, base = os.path.split(scan.path.rstrip("/"))
+    images = f"{scan.direct_image_count:,} images directly in it" if scan.direct_image_count else "no images"
+    ctx.err.print(
+        f"error: {scan.path} has no subdirectories ({images}); a session trains subdirectories of its root.\n"
+        f"  next: train it as a subdirectory of its parent (which must be inside a library root):\n"
+        f"    imagetraining sessions create {parent} --subdir {base}\n"
+        f"    imagetraining sessions start <id> && imagetraining watch <id>\n"
+        f"  or move the images into a subfolder of {scan.path} and run imagetraining train again.",
+        markup=False,
+        highlight=False,
+    )
+    return EXIT_USAGE
+
+
+Command = Callable[[Context], int]
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The connection and output options, accepted before and after the command.
+
+    Sub-parsers get them with SUPPRESS defaults, so a value given before the command is not reset.
+    """
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("connection and output")
+    group.add_argument(
+        "--address",
+        default=default(os.environ.get("IMAGETRAINING_CONTROL_ADDRESS") or DEFAULT_ADDRESS),
+        help="control service host:port (env IMAGETRAINING_CONTROL_ADDRESS, default %(default)s)"
+        if not suppress
+        else "control service host:port",
+    )
+    group.add_argument(
+        "--token",
+        default=default(os.environ.get("IMAGETRAINING_AUTH_TOKEN")),
+        help="bearer token sent as 'authorization: Bearer ...' (env IMAGETRAINING_AUTH_TOKEN)",
+    )
+    group.add_argument("--tls-ca", metavar="FILE", default=default(None), help="CA certificate (PEM): connect with TLS")
+    group.add_argument(
+        "--json", action="store_true", default=default(False), help="print responses as JSON (for scripts)"
+    )
+    group.add_argument(
+        "--timeout", type=float, default=default(30.0), metavar="SECONDS", help="deadline of each call (default 30)"
+    )
+
+
+def _session_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("session", metavar="SESSION", help='session id or name ("7" or "sessions/7")')
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help="display name (default: the root's base name)")
+    parser.add_argument(
+        "--ext", action="append", metavar="EXT", help="extension to train, repeatable or comma-separated (jpg,png)"
+    )
+    parser.add_argument("--no-recursive", action="store_true", help="only files directly in each subdirectory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagetraining",
+        description="Create, start and watch training sessions on the imagetraining control service.",
+        epilog="Exit codes: 0 ok; 1 failed (or the session failed/was cancelled); 2 invalid request, "
+        "not found or not allowed in this state; 3 server unavailable; 130 interrupted.",
+    )
+    _global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(
+        sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, func: Command, help_: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    sessions = commands.add_parser("sessions", help="create, list, inspect and control sessions", parents=[common])
+    sessions_sub = sessions.add_subparsers(dest="sessions_command", metavar="ACTION", required=True)
+
+    p = add(sessions_sub, "create", cmd_create, "create a session over ROOT")
+    p.add_argument("root", metavar="ROOT", help="directory inside a library root")
+    p.add_argument(
+        "--subdir",
+        action="append",
+        metavar="PATH",
+        help="subdirectory to select (absolute, or relative to ROOT), repeatable; none: all listed, unselected",
+    )
+    _config_args(p)
+
+    p = add(sessions_sub, "list", cmd_list, "list sessions, newest first")
+    p.add_argument("--state", choices=sorted(SESSION_STATES, key=SESSION_STATES.__getitem__))
+    p.add_argument("--page-size", type=int, metavar="N", help="sessions per page (server default 50)")
+    p.add_argument("--all", action="store_true", help="fetch every page")
+
+    p = add(sessions_sub, "get", cmd_get, "show a session with its subdirectories and progress")
+    _session_arg(p)
+    for action, func, text in (
+        ("start", cmd_start, "start a pending or failed session"),
+        ("pause", cmd_pause, "pause a discovering or running session"),
+        ("resume", cmd_resume, "resume a paused session where it stopped"),
+        ("cancel", cmd_cancel, "cancel a session that has not finished"),
+        ("delete", cmd_delete, "delete a session with its jobs (not while discovering or running)"),
+    ):
+        _session_arg(add(sessions_sub, action, func, text))
+    p = add(sessions_sub, "restart", cmd_restart, "run a completed, cancelled or failed session again")
+    _session_arg(p)
+    p.add_argument("--failed-only", action="store_true", help="retrain only the failed jobs")
+    p = add(sessions_sub, "select", cmd_select, "select (or --unselect) subdirectories of a session")
+    _session_arg(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="subdirectory, absolute or relative to the root")
+    p.add_argument("--unselect", action="store_true", help="unselect instead")
+
+    p = add(commands, "scan", cmd_scan, "list the subdirectories of PATH with image counts")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--ext", action="append", metavar="EXT", help="extensions to count (default: the server's)")
+
+    p = add(commands, "validate", cmd_validate, "dry run of start: would it succeed, how many images (exit 2: no)")
+    _session_arg(p)
+
+    p = add(commands, "jobs", cmd_jobs, "per-image outcomes with failure and skip reasons")
+    _session_arg(p)
+    p.add_argument("--state", choices=sorted(JOB_STATES, key=JOB_STATES.__getitem__))
+    p.add_argument("--page-size", type=int, metavar="N", help="jobs per page (server default 100)")
+    p.add_argument("--all", action="store_true", help="fetch every page")
+
+    p = add(commands, "watch", cmd_watch, "live progress of a session until it ends (exit 0: completed)")
+    _session_arg(p)
+    p.add_argument("--after-sequence", type=int, default=0, metavar="N", help="resume after this sequence")
+    p.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
+
+    p = add(commands, "train", cmd_train, "train every subdirectory of PATH: create, select, start and watch")
+    p.add_argument("path", metavar="PATH", help="directory inside a library root, with subdirectories of images")
+    _config_args(p)
+    p.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, out: Console | None = None, err: Console | None = None) -> int:
+    """Run one command; returns the exit code (the console script passes it to sys.exit)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = out or Console()
+    err = err or Console(stderr=True)
+    ctx = Context(args, out, err)
+    func: Command = args.func
+    try:
+        return func(ctx)
+    except grpc.RpcError as error:
+        for line in error_lines(error, ctx.options.address):
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
+        return exit_code_for(status_code(error))
+    except WatchGaveUp as error:
+        err.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_UNAVAILABLE if error.code in (None, grpc.StatusCode.UNAVAILABLE) else EXIT_FAILURE
+    except OSError as error:  # e.g. an unreadable --tls-ca file
+        err.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,15 +6,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
 import grpc
 
+from control_service.relay import Relay, Snapshot, SnapshotLoader
 from control_service.servicer import TrainingSessionServicer, Watcher
 from control_service.sessions import Sessions
 from imagetraining.db.engine import Database, resolve_url
-from imagetraining.rpc import ServerHandle, start_server
+from imagetraining.notifications import listen_forever
+from imagetraining.rpc import ServerHandle, channel_credentials, start_server
 from imagetraining.settings import Settings
 from imagetraining.v1 import training_session_service_pb2 as api
 from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
@@ -26,12 +30,14 @@ SERVICE = api.DESCRIPTOR.services_by_name["TrainingSessionService"]
 
 @dataclass
 class ControlServer:
-    """A running control service: its gRPC handle, its database and its use cases."""
+    """A running control service: its gRPC handle, its database, its use cases and its relay."""
 
     handle: ServerHandle
     db: Database
     sessions: Sessions
     owns_db: bool
+    relay: Relay | None = None
+    listener: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -46,6 +52,12 @@ class ControlServer:
         await self.handle.wait()
 
     async def close(self) -> None:
+        if self.listener is not None:
+            self.listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.listener
+        if self.relay is not None:
+            await self.relay.close()
         if self.owns_db:
             await self.db.dispose()
 
@@ -64,7 +76,18 @@ async def serve(
     """
     db = database or Database.connect(await resolve_url(settings))
     sessions = Sessions(db, settings)
-    servicer = TrainingSessionServicer(sessions, watcher)
+    relay: Relay | None = None
+    if watcher is None:
+        relay = Relay(
+            db,
+            _snapshot_loader(sessions),
+            max_subscribers=settings.max_subscribers,
+            idle_seconds=settings.subscriber_idle_seconds,
+            channel_credentials=channel_credentials(settings),
+            auth_token=settings.auth_token,
+        )
+        watcher = relay.watch
+    servicer = TrainingSessionServicer(sessions, watcher, write_timeout=settings.subscriber_idle_seconds)
 
     def add(server: grpc.aio.Server) -> None:
         api_grpc.add_TrainingSessionServiceServicer_to_server(servicer, server)
@@ -75,4 +98,31 @@ async def serve(
         if database is None:
             await db.dispose()
         raise
-    return ControlServer(handle=handle, db=db, sessions=sessions, owns_db=database is None)
+    listener = None
+    if relay is not None:
+        live = relay
+
+        def on_session(session_id: int | None) -> None:
+            live.notify(session_id)
+
+        listener = asyncio.create_task(
+            listen_forever(db.url, on_session, retry_seconds=settings.poll_seconds), name="control-listen"
+        )
+
+        async def end_streams() -> None:
+            # Before the grace period: subscribers are told to reconnect (UNAVAILABLE with their last
+            # sequence) instead of holding the shutdown for `grace_seconds`.
+            await live.close()
+
+        handle.on_shutdown.append(end_streams)
+    return ControlServer(
+        handle=handle, db=db, sessions=sessions, owns_db=database is None, relay=relay, listener=listener
+    )
+
+
+def _snapshot_loader(sessions: Sessions) -> SnapshotLoader:
+    async def load(session_id: int) -> Snapshot:
+        session, sequence = await sessions.get_with_sequence(session_id)
+        return Snapshot(session=session, event_sequence=sequence)
+
+    return load

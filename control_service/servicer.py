@@ -7,19 +7,22 @@ turns into status codes. Keeping this layer thin keeps every RPC's behaviour tes
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from control_service.sessions import Sessions, job_state_filter, session_state_filter, validate_config
 from imagetraining import convert
 from imagetraining.errors import Unimplemented
 from imagetraining.names import parse_session_name
+from imagetraining.streaming import evicted_error
 from imagetraining.v1 import resources_pb2 as pb
 from imagetraining.v1 import training_session_service_pb2 as api
 from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
 
 # WatchSession's seam: (session id, after_sequence) -> the events to send. The relay plugs in here.
-Watcher = Callable[[int, int], AsyncIterator[pb.SessionEvent]]
+Watcher = Callable[[int, int], AsyncGenerator[pb.SessionEvent, None]]
 
 
 def _config(config: pb.SessionConfig) -> dict[str, Any]:
@@ -33,9 +36,10 @@ def _time_remaining(context: Any) -> float | None:
 
 
 class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
-    def __init__(self, sessions: Sessions, watcher: Watcher | None = None) -> None:
+    def __init__(self, sessions: Sessions, watcher: Watcher | None = None, *, write_timeout: float = 30.0) -> None:
         self.sessions = sessions
         self.watcher = watcher
+        self.write_timeout = write_timeout
 
     async def CreateSession(self, request: api.CreateSessionRequest, context: Any) -> api.CreateSessionResponse:
         session = await self.sessions.create(
@@ -146,12 +150,23 @@ class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
         )
         return api.ListJobsResponse(jobs=jobs, next_page_token=token)
 
-    async def WatchSession(
+    async def WatchSession(  # type: ignore[override]  # written with context.write, not yield
         self, request: api.WatchSessionRequest, context: Any
-    ) -> AsyncIterator[api.WatchSessionResponse]:
+    ) -> None:
         session_id = parse_session_name(request.name)
         if self.watcher is None:
             raise Unimplemented("WatchSession is not available on this server yet; poll GetSessionProgress instead")
         await self.sessions.get(session_id)  # NOT_FOUND before the stream starts
-        async for event in self.watcher(session_id, request.after_sequence):
-            yield api.WatchSessionResponse(event=event)
+        # Headers go out on their own: a first message stuck behind flow control must not hold them,
+        # or the eviction's status could not be sent (grpc refuses a second initial-metadata op).
+        await context.send_initial_metadata(())
+        last = request.after_sequence
+        async with contextlib.aclosing(self.watcher(session_id, request.after_sequence)) as events:
+            async for event in events:
+                # A client that stops reading blocks this write (HTTP/2 flow control): time it out so
+                # that it is ended with its last sequence instead of pinning the stream forever.
+                try:
+                    await asyncio.wait_for(context.write(api.WatchSessionResponse(event=event)), self.write_timeout)
+                except TimeoutError:
+                    raise evicted_error(last, f"a message waited {self.write_timeout:g} s to be read") from None
+                last = event.sequence

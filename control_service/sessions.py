@@ -790,8 +790,9 @@ class Sessions:
                 await conn.execute(
                     text(
                         """
-                        INSERT INTO training_sessions (display_name, root_path, config, create_request_id)
-                        VALUES (:display_name, :root_path, CAST(:config AS jsonb), :request_id)
+                        INSERT INTO training_sessions
+                               (display_name, root_path, config, create_request_id, event_sequence)
+                        VALUES (:display_name, :root_path, CAST(:config AS jsonb), :request_id, 1)
                         RETURNING id
                         """
                     ),

@@ -23,10 +23,11 @@ from collections.abc import Awaitable, Callable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from discovery_worker.claims import SEQUENCE_BLOCK
 from imagetraining.fanout import Fanout
 from imagetraining.v1 import resources_pb2 as pb
 
-SEQUENCE_BLOCK = 100_000
+__all__ = ["SEQUENCE_BLOCK", "SessionEvents"]
 # Reserve the next block when fewer than this many sequences are left.
 SEQUENCE_LOW_WATER = 10_000
 

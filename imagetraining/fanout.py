@@ -171,6 +171,11 @@ class Fanout:
         for sub in self._subscribers:
             sub.end()
 
+    def evict_all(self, reason: str) -> None:
+        """Every subscriber stops now with the last sequence it was given (shutdown)."""
+        for sub in self._subscribers:
+            sub.evict(reason)
+
     def sweep(self, now: float | None = None) -> int:
         """Evict subscribers that have not taken a message for idle_seconds; return how many."""
         now = time.monotonic() if now is None else now

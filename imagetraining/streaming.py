@@ -42,6 +42,9 @@ async def pump(
             raise evicted_error(sub.last_sequence, f"a message waited {write_timeout:g} s to be read") from None
         sub.delivered()
 
+    # Headers go out on their own: a first message stuck behind flow control must not hold them,
+    # or the eviction's status could not be sent (grpc refuses a second initial-metadata op).
+    await context.send_initial_metadata(())
     for event in first:
         await send(event)
         sub.skip_to(event.sequence)

@@ -55,3 +55,13 @@ class HangingTrainer(DefaultTrainer):
         if "hang" in os.path.basename(path):
             time.sleep(60)
         return super().train(image, path)
+
+
+class PacedTrainer(DefaultTrainer):
+    """The default features, 5 ms per image: a run long enough to watch, short enough for a test."""
+
+    name = "paced"
+
+    def train(self, image: Image.Image, path: str) -> dict[str, Any]:
+        time.sleep(0.005)
+        return super().train(image, path)

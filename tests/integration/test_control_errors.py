@@ -1,5 +1,5 @@
 """Status codes that are not about input or state: ABORTED, RESOURCE_EXHAUSTED, UNAVAILABLE, INTERNAL,
-UNIMPLEMENTED, plus health and reflection."""
+plus health, reflection and WatchSession's seam."""
 
 from __future__ import annotations
 
@@ -120,16 +120,11 @@ async def test_an_unexpected_exception_is_internal_without_a_stack_trace(
     assert "Traceback" not in str(info.value.debug_error_string())
 
 
-async def test_watch_session_is_unimplemented_for_now(control: Control, library: Path) -> None:
-    session = await control.create(library)
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for _ in control.stub.WatchSession(api.WatchSessionRequest(name=session.name)):
-            pass
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "GetSessionProgress" in (info.value.details() or "")
+async def test_watch_session_with_a_bad_name_is_invalid_argument(control: Control) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in control.stub.WatchSession(api.WatchSessionRequest(name="nope")):
             pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert details(info.value).fields == ["name"]
 
 

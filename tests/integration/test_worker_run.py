@@ -164,7 +164,9 @@ async def test_nested_selected_subdirectories_get_recursive_counts(
     assert row["total_images"] == len([p for p in lib.image_files if outer in p.parents])
 
 
-async def test_server_health_and_stream_of_a_session_not_owned(clean_db: Database, worker: WorkerHandle, library: Path) -> None:
+async def test_server_health_and_stream_of_a_session_not_owned(
+    clean_db: Database, worker: WorkerHandle, library: Path
+) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

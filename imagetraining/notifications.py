@@ -1,0 +1,60 @@
+"""LISTEN on the sessions channel as a wake-up only: a dedicated asyncpg connection, reconnected.
+
+Both services use it: the worker to claim a newly started session at once, the control service's
+relay to notice a new owner or a transition at once. A notification carries only the session id and
+may be lost (the connection drops, the process restarts), so every user also polls; this only makes
+the common case immediate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "imagetraining_sessions"
+
+
+async def listen_forever(
+    url: str,
+    on_session: Callable[[int | None], None],
+    *,
+    retry_seconds: float,
+    channel: str = NOTIFY_CHANNEL,
+) -> None:
+    """Call `on_session(id)` per notification until cancelled; `on_session(None)` after each (re)connect.
+
+    The None call means "anything may have happened while we were not listening": look at everything.
+    """
+
+    def deliver(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            session_id: int | None = int(payload)
+        except ValueError:
+            session_id = None
+        on_session(session_id)
+
+    while True:
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await asyncpg.connect(url, timeout=10)
+            closed = asyncio.Event()
+            conn.add_termination_listener(lambda _c, done=closed: done.set())
+            await conn.add_listener(channel, deliver)
+            on_session(None)
+            await closed.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("LISTEN %s failed (%s); retrying in %.1fs, polling meanwhile", channel, exc, retry_seconds)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=1.0)
+        await asyncio.sleep(retry_seconds)

@@ -14,7 +14,7 @@ from control_service.server import serve
 from imagetraining.db.engine import Database, resolve_url
 from imagetraining.db.migrate import upgrade
 from imagetraining.rpc import install_signal_handlers
-from imagetraining.settings import Settings, SettingsError
+from imagetraining.settings import Settings, SettingsError, configure_logging
 
 log = logging.getLogger("control_service")
 
@@ -39,11 +39,7 @@ def main() -> int:
     except SettingsError as err:
         print(f"imagetraining: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level)
     asyncio.run(run(settings))
     return 0
 

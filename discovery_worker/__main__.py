@@ -9,11 +9,10 @@ stops within the grace period.
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 
 from imagetraining.rpc import install_signal_handlers
-from imagetraining.settings import Settings, SettingsError
+from imagetraining.settings import Settings, SettingsError, configure_logging
 
 
 class StartupError(Exception):
@@ -44,11 +43,7 @@ def main() -> int:
     except SettingsError as exc:
         print(f"imagetraining: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level)
     try:
         asyncio.run(_main(settings))
     except StartupError as exc:

@@ -228,3 +228,18 @@ class _Parser:
         if not sep or not module or not attr:
             raise SettingsError(name, f"{raw!r} is not module.path:ClassName")
         return raw
+
+
+def configure_logging(level: str) -> None:
+    """One line per record on stderr; the migration and embedded-server libraries only when they warn.
+
+    Alembic and pgserver log a dozen INFO lines at every start, which drowned the lines that say
+    what the services did. At DEBUG everything shows.
+    """
+    import logging
+    import sys
+
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if level != "DEBUG":
+        for noisy in ("alembic", "pgserver"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)

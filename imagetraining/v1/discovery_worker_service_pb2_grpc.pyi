@@ -40,8 +40,9 @@ class DiscoveryWorkerServiceStub:
     100 ms while counters change), TrainingProgress while training, a message at every state change
     and a heartbeat at least every 5 s while idle. Every message carries a strictly increasing
     `sequence` (continued above the previous owner's after a takeover) and the cumulative state.
-    The stream ends with OK after the message of a terminal or paused state, or when the worker
-    hands the session back.
+    `after_sequence`: only newer messages (the current state first when it is newer). The stream
+    ends with OK after the message of a terminal state, or when the worker lets the session go
+    (paused, cancelled, lease lost, shutdown): the caller then reads the lease row again.
     Errors: INVALID_ARGUMENT for a malformed name; FAILED_PRECONDITION (PreconditionFailure type
     "OWNER") when this worker does not own the session: look the owner up again in the database
     and reconnect there; UNAVAILABLE while the worker shuts down.
@@ -59,8 +60,9 @@ class DiscoveryWorkerServiceAsyncStub(DiscoveryWorkerServiceStub):
     100 ms while counters change), TrainingProgress while training, a message at every state change
     and a heartbeat at least every 5 s while idle. Every message carries a strictly increasing
     `sequence` (continued above the previous owner's after a takeover) and the cumulative state.
-    The stream ends with OK after the message of a terminal or paused state, or when the worker
-    hands the session back.
+    `after_sequence`: only newer messages (the current state first when it is newer). The stream
+    ends with OK after the message of a terminal state, or when the worker lets the session go
+    (paused, cancelled, lease lost, shutdown): the caller then reads the lease row again.
     Errors: INVALID_ARGUMENT for a malformed name; FAILED_PRECONDITION (PreconditionFailure type
     "OWNER") when this worker does not own the session: look the owner up again in the database
     and reconnect there; UNAVAILABLE while the worker shuts down.
@@ -81,8 +83,9 @@ class DiscoveryWorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         100 ms while counters change), TrainingProgress while training, a message at every state change
         and a heartbeat at least every 5 s while idle. Every message carries a strictly increasing
         `sequence` (continued above the previous owner's after a takeover) and the cumulative state.
-        The stream ends with OK after the message of a terminal or paused state, or when the worker
-        hands the session back.
+        `after_sequence`: only newer messages (the current state first when it is newer). The stream
+        ends with OK after the message of a terminal state, or when the worker lets the session go
+        (paused, cancelled, lease lost, shutdown): the caller then reads the lease row again.
         Errors: INVALID_ARGUMENT for a malformed name; FAILED_PRECONDITION (PreconditionFailure type
         "OWNER") when this worker does not own the session: look the owner up again in the database
         and reconnect there; UNAVAILABLE while the worker shuts down.

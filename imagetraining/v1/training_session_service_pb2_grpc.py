@@ -188,7 +188,8 @@ class TrainingSessionServiceServicer:
     def UpdateSession(self, request, context):
         """Changes the display name and/or the config (the fields that are set). The config can change
         only while the session is PENDING, PAUSED or terminal. Errors: INVALID_ARGUMENT, NOT_FOUND,
-        FAILED_PRECONDITION (config change while DISCOVERING or RUNNING).
+        FAILED_PRECONDITION (config change while DISCOVERING or RUNNING), ABORTED when a concurrent
+        change holds the session (retry after GetSession).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -218,7 +219,9 @@ class TrainingSessionServiceServicer:
         """Selects or unselects subdirectories. A path not yet in the session is added (it must lie under
         `root_path`). Allowed while PENDING, PAUSED or terminal; a change takes effect at the next
         Start/Restart. Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION while DISCOVERING or
-        RUNNING.
+        RUNNING, ABORTED when a concurrent change holds the session (retry after GetSession),
+        RESOURCE_EXHAUSTED when the session would hold more than 10,000 subdirectories (select a parent
+        directory instead).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -296,11 +299,22 @@ class TrainingSessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchSession(self, request, context):
-        """Live progress: a snapshot of the session first, then live messages relayed from the worker that
-        owns it, then the terminal state's message, then the stream ends with OK. `after_sequence`
-        resumes without duplicates. Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED when the
-        server's subscriber cap is reached or when this subscriber stopped reading (the message carries
-        the last delivered sequence: reconnect with it).
+        """Live progress. First a snapshot (kind EVENT_KIND_SNAPSHOT, with the full `session`), then live
+        messages relayed from the worker that owns the session (discovery progress at most every 100 ms
+        while counters change, training progress, every state change, a heartbeat at least every 5 s),
+        then the terminal state's message, then the stream ends with OK. A PENDING, PAUSED or queued
+        session gets its snapshot and then waits; client transitions (start, pause, resume, cancel) are
+        streamed too. Every message carries the cumulative counters and a `sequence` that strictly
+        increases, across worker crashes and takeovers as well: a missed message loses nothing.
+        `after_sequence`: only newer messages (the snapshot only if the state moved on since); use the
+        last sequence received to resume after any disconnect, on any control replica.
+        Limits: IMAGETRAINING_MAX_SUBSCRIBERS per control process (default 2000); a subscriber whose
+        messages wait unread for IMAGETRAINING_SUBSCRIBER_IDLE_SECONDS (default 30) is ended; progress
+        waiting for a slow reader is conflated to the latest, state changes are never dropped.
+        Errors: INVALID_ARGUMENT (malformed name); NOT_FOUND (unknown, or deleted while watched);
+        RESOURCE_EXHAUSTED when the subscriber cap is reached, or when this subscriber stopped reading
+        (the message says `after_sequence=N` and ErrorInfo metadata `last_sequence` holds N: reconnect
+        with it); UNAVAILABLE when the control service shuts down (reconnect with your last sequence).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

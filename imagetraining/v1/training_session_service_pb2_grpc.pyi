@@ -71,7 +71,8 @@ class TrainingSessionServiceStub:
     UpdateSession: _grpc.UnaryUnaryMultiCallable[_training_session_service_pb2.UpdateSessionRequest, _training_session_service_pb2.UpdateSessionResponse]
     """Changes the display name and/or the config (the fields that are set). The config can change
     only while the session is PENDING, PAUSED or terminal. Errors: INVALID_ARGUMENT, NOT_FOUND,
-    FAILED_PRECONDITION (config change while DISCOVERING or RUNNING).
+    FAILED_PRECONDITION (config change while DISCOVERING or RUNNING), ABORTED when a concurrent
+    change holds the session (retry after GetSession).
     """
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_training_session_service_pb2.DeleteSessionRequest, _training_session_service_pb2.DeleteSessionResponse]
     """Deletes a session with its subdirectories and jobs (image assets are kept: other sessions may
@@ -89,7 +90,9 @@ class TrainingSessionServiceStub:
     """Selects or unselects subdirectories. A path not yet in the session is added (it must lie under
     `root_path`). Allowed while PENDING, PAUSED or terminal; a change takes effect at the next
     Start/Restart. Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION while DISCOVERING or
-    RUNNING.
+    RUNNING, ABORTED when a concurrent change holds the session (retry after GetSession),
+    RESOURCE_EXHAUSTED when the session would hold more than 10,000 subdirectories (select a parent
+    directory instead).
     """
     ValidateSession: _grpc.UnaryUnaryMultiCallable[_training_session_service_pb2.ValidateSessionRequest, _training_session_service_pb2.ValidateSessionResponse]
     """Dry run of StartSession: would it succeed, and how many images would it find? Runs the same
@@ -130,11 +133,22 @@ class TrainingSessionServiceStub:
     1000. Errors: INVALID_ARGUMENT, NOT_FOUND.
     """
     WatchSession: _grpc.UnaryStreamMultiCallable[_training_session_service_pb2.WatchSessionRequest, _training_session_service_pb2.WatchSessionResponse]
-    """Live progress: a snapshot of the session first, then live messages relayed from the worker that
-    owns it, then the terminal state's message, then the stream ends with OK. `after_sequence`
-    resumes without duplicates. Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED when the
-    server's subscriber cap is reached or when this subscriber stopped reading (the message carries
-    the last delivered sequence: reconnect with it).
+    """Live progress. First a snapshot (kind EVENT_KIND_SNAPSHOT, with the full `session`), then live
+    messages relayed from the worker that owns the session (discovery progress at most every 100 ms
+    while counters change, training progress, every state change, a heartbeat at least every 5 s),
+    then the terminal state's message, then the stream ends with OK. A PENDING, PAUSED or queued
+    session gets its snapshot and then waits; client transitions (start, pause, resume, cancel) are
+    streamed too. Every message carries the cumulative counters and a `sequence` that strictly
+    increases, across worker crashes and takeovers as well: a missed message loses nothing.
+    `after_sequence`: only newer messages (the snapshot only if the state moved on since); use the
+    last sequence received to resume after any disconnect, on any control replica.
+    Limits: IMAGETRAINING_MAX_SUBSCRIBERS per control process (default 2000); a subscriber whose
+    messages wait unread for IMAGETRAINING_SUBSCRIBER_IDLE_SECONDS (default 30) is ended; progress
+    waiting for a slow reader is conflated to the latest, state changes are never dropped.
+    Errors: INVALID_ARGUMENT (malformed name); NOT_FOUND (unknown, or deleted while watched);
+    RESOURCE_EXHAUSTED when the subscriber cap is reached, or when this subscriber stopped reading
+    (the message says `after_sequence=N` and ErrorInfo metadata `last_sequence` holds N: reconnect
+    with it); UNAVAILABLE when the control service shuts down (reconnect with your last sequence).
     """
 
 @_typing.type_check_only
@@ -180,7 +194,8 @@ class TrainingSessionServiceAsyncStub(TrainingSessionServiceStub):
     UpdateSession: _aio.UnaryUnaryMultiCallable[_training_session_service_pb2.UpdateSessionRequest, _training_session_service_pb2.UpdateSessionResponse]  # type: ignore[assignment]
     """Changes the display name and/or the config (the fields that are set). The config can change
     only while the session is PENDING, PAUSED or terminal. Errors: INVALID_ARGUMENT, NOT_FOUND,
-    FAILED_PRECONDITION (config change while DISCOVERING or RUNNING).
+    FAILED_PRECONDITION (config change while DISCOVERING or RUNNING), ABORTED when a concurrent
+    change holds the session (retry after GetSession).
     """
     DeleteSession: _aio.UnaryUnaryMultiCallable[_training_session_service_pb2.DeleteSessionRequest, _training_session_service_pb2.DeleteSessionResponse]  # type: ignore[assignment]
     """Deletes a session with its subdirectories and jobs (image assets are kept: other sessions may
@@ -198,7 +213,9 @@ class TrainingSessionServiceAsyncStub(TrainingSessionServiceStub):
     """Selects or unselects subdirectories. A path not yet in the session is added (it must lie under
     `root_path`). Allowed while PENDING, PAUSED or terminal; a change takes effect at the next
     Start/Restart. Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION while DISCOVERING or
-    RUNNING.
+    RUNNING, ABORTED when a concurrent change holds the session (retry after GetSession),
+    RESOURCE_EXHAUSTED when the session would hold more than 10,000 subdirectories (select a parent
+    directory instead).
     """
     ValidateSession: _aio.UnaryUnaryMultiCallable[_training_session_service_pb2.ValidateSessionRequest, _training_session_service_pb2.ValidateSessionResponse]  # type: ignore[assignment]
     """Dry run of StartSession: would it succeed, and how many images would it find? Runs the same
@@ -239,11 +256,22 @@ class TrainingSessionServiceAsyncStub(TrainingSessionServiceStub):
     1000. Errors: INVALID_ARGUMENT, NOT_FOUND.
     """
     WatchSession: _aio.UnaryStreamMultiCallable[_training_session_service_pb2.WatchSessionRequest, _training_session_service_pb2.WatchSessionResponse]  # type: ignore[assignment]
-    """Live progress: a snapshot of the session first, then live messages relayed from the worker that
-    owns it, then the terminal state's message, then the stream ends with OK. `after_sequence`
-    resumes without duplicates. Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED when the
-    server's subscriber cap is reached or when this subscriber stopped reading (the message carries
-    the last delivered sequence: reconnect with it).
+    """Live progress. First a snapshot (kind EVENT_KIND_SNAPSHOT, with the full `session`), then live
+    messages relayed from the worker that owns the session (discovery progress at most every 100 ms
+    while counters change, training progress, every state change, a heartbeat at least every 5 s),
+    then the terminal state's message, then the stream ends with OK. A PENDING, PAUSED or queued
+    session gets its snapshot and then waits; client transitions (start, pause, resume, cancel) are
+    streamed too. Every message carries the cumulative counters and a `sequence` that strictly
+    increases, across worker crashes and takeovers as well: a missed message loses nothing.
+    `after_sequence`: only newer messages (the snapshot only if the state moved on since); use the
+    last sequence received to resume after any disconnect, on any control replica.
+    Limits: IMAGETRAINING_MAX_SUBSCRIBERS per control process (default 2000); a subscriber whose
+    messages wait unread for IMAGETRAINING_SUBSCRIBER_IDLE_SECONDS (default 30) is ended; progress
+    waiting for a slow reader is conflated to the latest, state changes are never dropped.
+    Errors: INVALID_ARGUMENT (malformed name); NOT_FOUND (unknown, or deleted while watched);
+    RESOURCE_EXHAUSTED when the subscriber cap is reached, or when this subscriber stopped reading
+    (the message says `after_sequence=N` and ErrorInfo metadata `last_sequence` holds N: reconnect
+    with it); UNAVAILABLE when the control service shuts down (reconnect with your last sequence).
     """
 
 class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -310,7 +338,8 @@ class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_training_session_service_pb2.UpdateSessionResponse, _abc.Awaitable[_training_session_service_pb2.UpdateSessionResponse]]:
         """Changes the display name and/or the config (the fields that are set). The config can change
         only while the session is PENDING, PAUSED or terminal. Errors: INVALID_ARGUMENT, NOT_FOUND,
-        FAILED_PRECONDITION (config change while DISCOVERING or RUNNING).
+        FAILED_PRECONDITION (config change while DISCOVERING or RUNNING), ABORTED when a concurrent
+        change holds the session (retry after GetSession).
         """
 
     @_abc_1.abstractmethod
@@ -346,7 +375,9 @@ class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Selects or unselects subdirectories. A path not yet in the session is added (it must lie under
         `root_path`). Allowed while PENDING, PAUSED or terminal; a change takes effect at the next
         Start/Restart. Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION while DISCOVERING or
-        RUNNING.
+        RUNNING, ABORTED when a concurrent change holds the session (retry after GetSession),
+        RESOURCE_EXHAUSTED when the session would hold more than 10,000 subdirectories (select a parent
+        directory instead).
         """
 
     @_abc_1.abstractmethod
@@ -441,11 +472,22 @@ class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _training_session_service_pb2.WatchSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_training_session_service_pb2.WatchSessionResponse], _abc.AsyncIterator[_training_session_service_pb2.WatchSessionResponse]]:
-        """Live progress: a snapshot of the session first, then live messages relayed from the worker that
-        owns it, then the terminal state's message, then the stream ends with OK. `after_sequence`
-        resumes without duplicates. Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED when the
-        server's subscriber cap is reached or when this subscriber stopped reading (the message carries
-        the last delivered sequence: reconnect with it).
+        """Live progress. First a snapshot (kind EVENT_KIND_SNAPSHOT, with the full `session`), then live
+        messages relayed from the worker that owns the session (discovery progress at most every 100 ms
+        while counters change, training progress, every state change, a heartbeat at least every 5 s),
+        then the terminal state's message, then the stream ends with OK. A PENDING, PAUSED or queued
+        session gets its snapshot and then waits; client transitions (start, pause, resume, cancel) are
+        streamed too. Every message carries the cumulative counters and a `sequence` that strictly
+        increases, across worker crashes and takeovers as well: a missed message loses nothing.
+        `after_sequence`: only newer messages (the snapshot only if the state moved on since); use the
+        last sequence received to resume after any disconnect, on any control replica.
+        Limits: IMAGETRAINING_MAX_SUBSCRIBERS per control process (default 2000); a subscriber whose
+        messages wait unread for IMAGETRAINING_SUBSCRIBER_IDLE_SECONDS (default 30) is ended; progress
+        waiting for a slow reader is conflated to the latest, state changes are never dropped.
+        Errors: INVALID_ARGUMENT (malformed name); NOT_FOUND (unknown, or deleted while watched);
+        RESOURCE_EXHAUSTED when the subscriber cap is reached, or when this subscriber stopped reading
+        (the message says `after_sequence=N` and ErrorInfo metadata `last_sequence` holds N: reconnect
+        with it); UNAVAILABLE when the control service shuts down (reconnect with your last sequence).
         """
 
 def add_TrainingSessionServiceServicer_to_server(servicer: TrainingSessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

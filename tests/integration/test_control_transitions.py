@@ -221,7 +221,7 @@ async def test_pause_resume_and_cancel_record_what_they_must(
     assert cancelled.state == pb.SESSION_STATE_CANCELLED
     assert cancelled.state_reason == "cancelled by a client" and cancelled.HasField("end_time")
     # Every control transition moved the stream sequence ceiling up.
-    assert (await row(clean_db, selected.name)).event_sequence == 6
+    assert (await row(clean_db, selected.name)).event_sequence == 7  # 1 at creation, then one per transition
 
 
 async def _add_jobs(db: Database, states: list[str]) -> None:
@@ -356,7 +356,7 @@ async def test_twenty_concurrent_starts_make_exactly_one_transition(
         d = details(err)
         assert d.code == grpc.StatusCode.FAILED_PRECONDITION and "DISCOVERING" in d.message
     r = await row(clean_db, selected.name)
-    assert r.state == "discovering" and r.event_sequence == 1
+    assert r.state == "discovering" and r.event_sequence == 2
 
 
 async def test_twenty_concurrent_starts_with_one_request_id_all_get_the_first_answer(
@@ -367,7 +367,7 @@ async def test_twenty_concurrent_starts_with_one_request_id_all_get_the_first_an
     assert all(isinstance(r, api.StartSessionResponse) for r in results), results
     sessions = [r.session for r in results if isinstance(r, api.StartSessionResponse)]
     assert all(s == sessions[0] for s in sessions)
-    assert (await row(clean_db, selected.name)).event_sequence == 1
+    assert (await row(clean_db, selected.name)).event_sequence == 2
 
 
 async def test_start_against_cancel_races_end_consistently(control: Control, library: Path, clean_db: Database) -> None:
@@ -391,7 +391,7 @@ async def test_start_against_cancel_races_end_consistently(control: Control, lib
             assert start.session.state == pb.SESSION_STATE_DISCOVERING
         final = await row(clean_db, session.name)
         assert final.state == "cancelled"
-        assert final.event_sequence == (2 if isinstance(start, api.StartSessionResponse) else 1)
+        assert final.event_sequence == (3 if isinstance(start, api.StartSessionResponse) else 2)
 
 
 async def test_pause_against_cancel_races_end_consistently(

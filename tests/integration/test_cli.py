@@ -207,8 +207,10 @@ async def test_train_runs_a_folder_to_the_end_with_a_worker(
     assert code == 0, out + err
     lines = out.splitlines()
     assert lines[0] == "sessions/1 (library) started over 2 subdirectories (6 images): DISCOVERING"
-    # (RUNNING may be too short to be seen while WatchSession is polled; the end is always shown.)
-    assert "sessions/1: COMPLETED" in lines
+    # Streamed live by WatchSession (not polled): every state change is shown, in order.
+    assert "progress was polled" not in err
+    expected = ["sessions/1: DISCOVERING", "sessions/1: RUNNING", "sessions/1: COMPLETED"]
+    assert [line for line in lines if line in expected] == expected, out
     assert "sessions/1: COMPLETED: processed 4, skipped 1, failed 1" in lines
     assert any(line.startswith("sessions/1: skipped duplicate: 1 (e.g. ") for line in lines), out
     assert any(line.startswith("sessions/1: failed ") and "broken.jpg" in line for line in lines), out

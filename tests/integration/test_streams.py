@@ -323,3 +323,35 @@ async def test_a_deleted_session_ends_its_streams_with_not_found(pair: Pair, lib
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await read_rest(call)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_workers_own_stream_for_an_owned_session(pair: Pair, library: Path, clean_db: Database) -> None:
+    """StreamSessionEvents straight from the owner: current state first, live progress, OK at the end."""
+    from imagetraining.v1 import discovery_worker_service_pb2 as wpb
+    from imagetraining.v1 import discovery_worker_service_pb2_grpc as wgrpc
+    from tests import worker_support as ws
+
+    photos(library, folders=3, per_folder=100)
+    name = await create(pair.stub, library)
+    sid = int(name.split("/")[1])
+    worker = await pair.start_worker(pool_size=1, batch_size=100, trainer="tests.trainers:PacedTrainer")
+    await pair.stub.StartSession(api.StartSessionRequest(name=name))
+
+    async def owned() -> bool:
+        return (await ws.session(clean_db, sid))["owner_id"] is not None
+
+    await wait_for(owned, timeout=10, what="the worker to claim the session")
+    row = await ws.session(clean_db, sid)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+        call = wgrpc.DiscoveryWorkerServiceStub(channel).StreamSessionEvents(wpb.StreamSessionEventsRequest(name=name))
+        events = [r.event async for r in call]
+        assert await call.code() == grpc.StatusCode.OK
+    assert events and all(e.name == name for e in events)
+    assert_increasing(events)
+    assert_counters_never_go_back(events)
+    # The claim reserved a block: every sequence lies below the ceiling it stored.
+    assert all(e.sequence <= row["event_sequence"] for e in events)
+    assert events[-1].state == pb.SESSION_STATE_COMPLETED
+    assert events[-1].training.processed_images + events[-1].training.skipped_images == 300
+    kinds = {e.kind for e in events}
+    assert pb.EVENT_KIND_TRAINING_PROGRESS in kinds and pb.EVENT_KIND_STATE_CHANGE in kinds

@@ -83,6 +83,8 @@ async def serve(
             _snapshot_loader(sessions),
             max_subscribers=settings.max_subscribers,
             idle_seconds=settings.subscriber_idle_seconds,
+            # NOTIFY makes changes immediate; the poll only bounds the delay of a lost notification.
+            poll_seconds=settings.poll_seconds,
             channel_credentials=channel_credentials(settings),
             auth_token=settings.auth_token,
         )

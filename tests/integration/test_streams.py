@@ -165,11 +165,7 @@ async def test_two_hundred_subscribers_all_finish_and_a_non_reader_is_evicted(
     clean_db: Database, make_settings: Callable[..., Settings], library: Path
 ) -> None:
     photos(library, folders=4, per_folder=100)
-    # Many selected subdirectories make a large snapshot, so a client that reads nothing fills its
-    # 64 KiB flow-control window at once (grpc's BDP probing would otherwise grow it to megabytes).
-    for i in range(800):
-        (library / f"empty-folder-with-a-long-name-to-make-the-snapshot-large-{i:04d}").mkdir()
-    control = await serve(make_settings(subscriber_idle_seconds=1.5, max_subscribers=250), database=clean_db)
+    control = await serve(make_settings(subscriber_idle_seconds=3.0, max_subscribers=250), database=clean_db)
     worker = None
     channels: list[grpc.aio.Channel] = []
     try:
@@ -179,7 +175,12 @@ async def test_two_hundred_subscribers_all_finish_and_a_non_reader_is_evicted(
         stubs = [api_grpc.TrainingSessionServiceStub(c) for c in channels]
         name = await create(stubs[0], library)
 
-        slow_channel = grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
+        # A client that reads nothing, with a 1 KiB flow-control window: its transport holds a few
+        # messages, then the server's writes block. (grpc's default window is 64 KiB and BDP probing
+        # grows it to megabytes: a real non-reader is noticed once that much has piled up.)
+        slow_channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+        )
         channels.append(slow_channel)
         slow = api_grpc.TrainingSessionServiceStub(slow_channel).WatchSession(api.WatchSessionRequest(name=name))
         await slow.initial_metadata()

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 PYTEST_ARGS ?=
 
-.PHONY: run test venv lint typecheck protos check-protos test-embedded test-external tools migration clean
+.PHONY: run test venv lint typecheck protos check-protos test-embedded test-external tools migration clean bench bench-quick
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ test-external: venv
 	  IMAGETRAINING_TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/pytest $(PYTEST_ARGS); \
 	elif [ -n "$$CI" ]; then echo "CI: PostgreSQL at $(TEST_DATABASE_URL) is not reachable" >&2; exit 1; \
 	else echo "skipping the external-PostgreSQL pass: $(TEST_DATABASE_URL) is not reachable (set TEST_DATABASE_URL)"; fi
+
+## make bench: the performance cases of issue #5 (docs/performance.md); BENCH_ARGS="--cases 1,3" for a subset.
+bench: venv
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+## make bench-quick: the same cases at smaller sizes, under 2 minutes (a smoke run: figures printed, never asserted).
+bench-quick: venv
+	$(PY) -m benchmarks --quick $(BENCH_ARGS)
 
 ## make protos: regenerate imagetraining/v1 from protos/ (commit the result).
 protos: venv

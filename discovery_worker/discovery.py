@@ -205,7 +205,10 @@ _UPSERT_ASSETS = text(
                  AS t(path, size_bytes, mtime_ns)
     ),
     before AS (
-        SELECT a.id, a.path FROM image_assets a JOIN input i ON i.path = a.path
+        -- One probe of the path key per file (LIMIT 1: unique), never a scan of every asset per batch.
+        SELECT a.id, a.path
+          FROM input i
+          CROSS JOIN LATERAL (SELECT x.id, x.path FROM image_assets x WHERE x.path = i.path LIMIT 1) a
     ),
     upserted AS (
         INSERT INTO image_assets AS a (path, size_bytes, mtime_ns)
@@ -239,15 +242,29 @@ _INSERT_JOBS = text(
 # go back to pending; the counters that counted them go down in the same statement.
 _RESET_CHANGED_JOBS = text(
     """
-    WITH old AS (
+    WITH batch AS (
+        SELECT unnest(CAST(:asset_ids AS bigint[])) AS asset_id
+    ),
+    old AS (
+        -- Driven by the batch's assets, one probe of the (session_id, asset_id) key and one of the
+        -- asset's primary key each, so the cost is the batch's, not the session's. (A filter on
+        -- state let the planner scan every job of the session for every batch, which made a rescan
+        -- of 100,000 files quadratic.) LIMIT 1 (the key is unique) keeps it a per-asset probe
+        -- whatever the statistics say, e.g. right after a bulk load, before autovacuum analysed.
         SELECT j.id, j.state
-          FROM training_jobs j JOIN image_assets a ON a.id = j.asset_id
-         WHERE j.session_id = :id
-           AND j.asset_id = ANY(CAST(:asset_ids AS bigint[]))
-           AND (   (j.asset_id = ANY(CAST(:changed_ids AS bigint[])) AND j.state IN ('completed', 'failed', 'skipped'))
-                OR (j.state IN ('completed', 'skipped')
-                    AND (a.hashed_size_bytes, a.hashed_mtime_ns) IS DISTINCT FROM (a.size_bytes, a.mtime_ns)))
-           FOR UPDATE OF j
+          FROM batch b
+          CROSS JOIN LATERAL (
+                SELECT jj.id, jj.state
+                  FROM training_jobs jj JOIN image_assets a ON a.id = jj.asset_id
+                 WHERE jj.session_id = :id AND jj.asset_id = b.asset_id
+                   AND CASE
+                         WHEN jj.asset_id = ANY(CAST(:changed_ids AS bigint[]))
+                         THEN jj.state IN ('completed', 'failed', 'skipped')
+                         ELSE jj.state IN ('completed', 'skipped')
+                              AND (a.hashed_size_bytes, a.hashed_mtime_ns) IS DISTINCT FROM (a.size_bytes, a.mtime_ns)
+                       END
+                 LIMIT 1
+                   FOR UPDATE OF jj) j
     ),
     reset AS (
         UPDATE training_jobs j

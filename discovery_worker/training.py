@@ -106,13 +106,24 @@ _WRITE_JOBS = text(
                              CAST(:duplicate_of AS bigint[]))
                  AS t(job_id, state, error_class, error_message, skip_reason, duplicate_of)
     ),
+    target AS (
+        -- One primary-key probe per job of the chunk (LIMIT 1: unique). Filtering the UPDATE on
+        -- session and state let the planner hash every pending job of the session for every chunk
+        -- (stale statistics after the bulk insert of jobs), which made training quadratic.
+        SELECT r.*
+          FROM r
+          CROSS JOIN LATERAL (
+                SELECT x.id FROM training_jobs x
+                 WHERE x.id = r.job_id AND x.session_id = :id AND x.state = 'pending'
+                 LIMIT 1) x
+    ),
     done AS (
         UPDATE training_jobs j
-           SET state = r.state, error_class = r.error_class, error_message = r.error_message,
-               skip_reason = r.skip_reason, duplicate_of_asset_id = r.duplicate_of,
+           SET state = t.state, error_class = t.error_class, error_message = t.error_message,
+               skip_reason = t.skip_reason, duplicate_of_asset_id = t.duplicate_of,
                attempts = j.attempts + 1, update_time = now()
-          FROM r
-         WHERE j.id = r.job_id AND j.session_id = :id AND j.state = 'pending'
+          FROM target t
+         WHERE j.id = t.job_id
         RETURNING j.asset_id, j.subdirectory_id, j.state
     ),
     credited AS (  -- the selected directory that found the image, and selected directories nested in it

@@ -165,6 +165,10 @@ async def test_two_hundred_subscribers_all_finish_and_a_non_reader_is_evicted(
     clean_db: Database, make_settings: Callable[..., Settings], library: Path
 ) -> None:
     photos(library, folders=4, per_folder=100)
+    # Empty selected folders with long names make the snapshot about 6 KiB, more than the non-reader's
+    # 1 KiB window below: its very first write blocks, whatever the timing of the rest of the run.
+    for i in range(40):
+        (library / f"an-empty-folder-whose-long-name-makes-the-snapshot-larger-than-a-small-window-{i:02d}").mkdir()
     control = await serve(make_settings(subscriber_idle_seconds=3.0, max_subscribers=250), database=clean_db)
     worker = None
     channels: list[grpc.aio.Channel] = []
@@ -201,9 +205,11 @@ async def test_two_hundred_subscribers_all_finish_and_a_non_reader_is_evicted(
         for events in results:
             assert events[-1].state == pb.SESSION_STATE_COMPLETED
             assert_increasing(events)
-        # Every subscriber kept the pace: the same progress messages, none conflated away for the others.
-        rates = {len(events) for events in results}
-        assert max(rates) - min(rates) <= 2, sorted(rates)
+        # Every subscriber kept the pace: (nearly) the same messages. A subscriber whose handler falls
+        # behind gets progress conflated, so a loaded machine may cost one a few; a subscriber held
+        # back by the non-reader would have lost most of them.
+        counts = sorted(len(events) for events in results)
+        assert counts[0] >= 0.75 * counts[-1], counts
 
         # The non-reader was ended with RESOURCE_EXHAUSTED carrying its last sequence; it did not hold
         # the others back (they finished above) and it got nothing after its eviction.

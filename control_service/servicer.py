@@ -166,7 +166,9 @@ class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
                 # A client that stops reading blocks this write (HTTP/2 flow control): time it out so
                 # that it is ended with its last sequence instead of pinning the stream forever.
                 try:
-                    await asyncio.wait_for(context.write(api.WatchSessionResponse(event=event)), self.write_timeout)
+                    # asyncio.timeout, not wait_for: no extra task per message and subscriber.
+                    async with asyncio.timeout(self.write_timeout):
+                        await context.write(api.WatchSessionResponse(event=event))
                 except TimeoutError:
                     raise evicted_error(last, f"a message waited {self.write_timeout:g} s to be read") from None
                 last = event.sequence

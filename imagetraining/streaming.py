@@ -37,7 +37,8 @@ async def pump(
 
     async def send(event: pb.SessionEvent) -> None:
         try:
-            await asyncio.wait_for(context.write(wrap(event)), write_timeout)
+            async with asyncio.timeout(write_timeout):  # no extra task per message, unlike wait_for
+                await context.write(wrap(event))
         except TimeoutError:
             raise evicted_error(sub.last_sequence, f"a message waited {write_timeout:g} s to be read") from None
         sub.delivered()

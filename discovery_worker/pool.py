@@ -19,9 +19,12 @@ the GIL for the Python parts. Why this wrapper instead of a bare `ProcessPoolExe
   and retries the items that were in flight one at a time, alone in the pool, so the one file that
   kills a process gets `decoder_crash` and every other file its real result. An item that runs
   longer than `item_timeout` gets its process killed the same way and fails alone.
-- At most `2 * size` items of one `process` call are in the executor at a time: enough to keep every
+- At most `2 * size` tasks of one `process` call are in the executor at a time: enough to keep every
   process busy, few enough that a crash sends little work down the one-at-a-time path, and a
-  cancelled `process` (pause, cancel, shutdown) leaves at most one image per process running.
+  cancelled `process` (pause, cancel, shutdown) leaves at most one task per process running. A task
+  is one image for photos; small images go several to a task (about GROUP_SECONDS of work, measured
+  as the pool runs), because one round trip through the executor's queues costs about as much as a
+  thumbnail-sized image. Every image of a task caught in a crash is a suspect and is retried alone.
 - Starting and replacing processes happens in a thread (`asyncio.to_thread`), never on the loop.
 - One pool can serve several sessions: concurrent `process` calls share the processes.
 """
@@ -43,7 +46,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from discovery_worker.hashing import ImageResult, configure_pillow, process_image
 from discovery_worker.trainer import load_trainer
@@ -62,6 +65,12 @@ ITEM_TIMEOUT_SECONDS: Final = 120.0
 DRAIN_SECONDS: Final = 30.0
 # How long starting a generation of processes (imports + trainer load) may take.
 START_TIMEOUT_SECONDS: Final = 120.0
+# Small images are sent to a process several at a time, about this much work per task: one round
+# trip through the executor's queues costs about what a 32x32 JPEG does, so one image per task
+# spent most of the pool's time on traffic. Photos (tens of milliseconds each) still go one by one,
+# which keeps crash isolation and cancellation at one image per process for them.
+GROUP_SECONDS: Final = 0.02
+MAX_GROUP: Final = 16
 # Pool processes run at this niceness relative to the worker's event loop.
 PROCESS_NICENESS: Final = 5
 # Modules the forkserver imports once, so every forked pool process starts with them loaded.
@@ -131,6 +140,13 @@ def _work(path: str) -> ImageResult:
     return process_image(path, max_file_bytes=_limits[0], max_image_pixels=_limits[1], trainer=_trainer)
 
 
+def _work_group(paths: list[str]) -> tuple[list[ImageResult], float]:
+    """Several small images in one task (one round trip through the executor); returns their CPU time too."""
+    started = time.perf_counter()
+    results = [_work(path) for path in paths]
+    return results, time.perf_counter() - started
+
+
 # ---- in the worker process ---------------------------------------------------------------------
 
 
@@ -151,7 +167,7 @@ class _Generation:
     lifeline: tuple[Connection, Connection]  # (read end for the processes, write end kept here)
     submitted: int = 0
     # Futures not done yet; discarded from the executor's threads, so only len() is read.
-    live: set[Future[ImageResult]] = field(default_factory=set)
+    live: set[Future[Any]] = field(default_factory=set)
 
 
 class _Retry(Exception):
@@ -184,6 +200,8 @@ class TrainingPool:
         self.max_image_pixels = max_image_pixels
         self.trainer_spec = trainer_spec
         self.item_timeout = item_timeout
+        # Smoothed seconds of work per image, from the groups' own timing: sizes the next groups.
+        self.item_seconds = 0.05
         # Counters for logs and tests: processes that died, generations started.
         self.crashes = 0
         self.generations = 0
@@ -315,6 +333,38 @@ class TrainingPool:
         future.add_done_callback(gen.live.discard)
         return asyncio.wrap_future(future)
 
+    def _group_size(self) -> int:
+        return max(1, min(MAX_GROUP, int(GROUP_SECONDS / max(self.item_seconds, 1e-4))))
+
+    def _submit_group(self, gen: _Generation, paths: list[str]) -> asyncio.Future[tuple[list[ImageResult], float]]:
+        future = gen.executor.submit(_work_group, paths)  # raises BrokenProcessPool if gen is already broken
+        gen.submitted += 1
+        gen.live.add(future)
+        future.add_done_callback(gen.live.discard)
+        return asyncio.wrap_future(future)
+
+    def _group_outcome(
+        self, future: asyncio.Future[tuple[list[ImageResult], float]], paths: list[str]
+    ) -> list[ImageResult]:
+        """The results of a finished group; raises _Crashed / _Retry for the pool's own failures."""
+        if future.cancelled():
+            if self._closed:
+                raise PoolClosedError("the training pool was closed while processing")
+            raise _Retry
+        exc = future.exception()
+        if exc is None:
+            results, seconds = future.result()
+            per_item = seconds / max(len(results), 1)
+            self.item_seconds = 0.7 * self.item_seconds + 0.3 * per_item
+            return results
+        if isinstance(exc, BrokenProcessPool):
+            raise _Crashed
+        if isinstance(exc, TrainerLoadError):
+            raise exc
+        log.error("training pool: a group of %d images failed outside process_image: %r", len(paths), exc)
+        failed = ImageResult(ok=False, error_class="internal", error_message=f"{type(exc).__name__}: {exc}"[:500])
+        return [failed for _p in paths]
+
     def _outcome(self, future: asyncio.Future[ImageResult], path: str) -> ImageResult:
         """The result of a finished item; raises _Crashed / _Retry for the pool's own failures."""
         if future.cancelled():
@@ -333,10 +383,14 @@ class TrainingPool:
         return ImageResult(ok=False, error_class="internal", error_message=f"{type(exc).__name__}: {exc}"[:500])
 
     async def _run_parallel(self, items: Sequence[tuple[int, str]], results: list[ImageResult | None]) -> list[int]:
-        """Run every item with a bounded window in flight; return the indices caught in a crash."""
+        """Run every item with a bounded window of groups in flight; return the indices caught in a crash.
+
+        A group is one image for photos and several for small images (`_group_size`); a crash or a
+        timeout makes every image of the groups in flight a suspect, isolated one by one afterwards.
+        """
         window = 2 * self.size
         queue = list(range(len(items) - 1, -1, -1))  # a stack: pop() gives items in order
-        pending: dict[asyncio.Future[ImageResult], tuple[int, _Generation]] = {}
+        pending: dict[asyncio.Future[tuple[list[ImageResult], float]], tuple[list[int], _Generation]] = {}
         suspects: list[int] = []
         try:
             while queue or pending:
@@ -346,28 +400,33 @@ class TrainingPool:
                             break
                         await self._open.wait()
                     gen = await self._generation()
+                    take = queue[-self._group_size() :][::-1]  # the next items, in order
                     try:
-                        future = self._submit(gen, items[queue[-1]][1])
+                        future = self._submit_group(gen, [items[i][1] for i in take])
                     except BrokenProcessPool:
                         await self._replace(gen)
                         continue
-                    pending[future] = (queue.pop(), gen)
-                done, _ = await asyncio.wait(pending, timeout=self.item_timeout, return_when=asyncio.FIRST_COMPLETED)
+                    del queue[-len(take) :]
+                    pending[future] = (take, gen)
+                timeout = self.item_timeout * max(len(t) for t, _g in pending.values())
+                done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     # Stuck: kill the processes; the items in flight fail as crashed and are isolated,
                     # where the one that hangs again is timed out alone.
                     for gen in {g for _i, g in pending.values()}:
-                        _kill_processes(gen, f"no image finished within {self.item_timeout:g}s")
+                        _kill_processes(gen, f"no image finished within {timeout:g}s")
                     continue
                 broken: set[_Generation] = set()
                 for future in done:
-                    i, gen = pending.pop(future)
+                    take, gen = pending.pop(future)
                     try:
-                        results[i] = self._outcome(future, items[i][1])
+                        outcome = self._group_outcome(future, [items[i][1] for i in take])
+                        for i, result in zip(take, outcome, strict=True):
+                            results[i] = result
                     except _Retry:
-                        queue.append(i)
+                        queue.extend(reversed(take))
                     except _Crashed:
-                        suspects.append(i)
+                        suspects.extend(take)
                         broken.add(gen)
                 for gen in broken:
                     await self._replace(gen)

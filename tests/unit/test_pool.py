@@ -92,6 +92,26 @@ async def test_two_crashing_items_in_one_batch(pool: TrainingPool, tmp_path: Pat
     assert [r.error_class for _, r in results] == ["", "decoder_crash", "", "", "decoder_crash", ""]
 
 
+async def test_small_images_go_in_groups_and_a_crash_in_a_group_fails_only_its_item(tmp_path: Path) -> None:
+    """Small images are sent several per task; a crash still costs exactly the one image that caused it."""
+    pool = make_pool("tests.trainers:CrashingTrainer")
+    try:
+        paths = [str(images.write_jpeg(tmp_path / f"small{i:03d}.jpg", 16, 16, seed=i)) for i in range(120)]
+        await pool.process(list(enumerate(paths[:40])))  # measures the per-image time: tiny
+        assert pool._group_size() > 1
+        paths[70] = str(images.write_jpeg(tmp_path / "crash_in_a_group.jpg", 16, 16, seed=7))
+        crashes = pool.crashes
+        results = await pool.process(list(enumerate(paths)))
+        assert [job_id for job_id, _ in results] == list(range(len(paths)))
+        assert {i: r.error_class for i, r in results if not r.ok} == {70: "decoder_crash"}
+        for i, r in results:
+            if i != 70:
+                assert r.ok and r.perceptual_hash == process_image(paths[i], **LIMITS).perceptual_hash, i
+        assert pool.crashes > crashes
+    finally:
+        await pool.close()
+
+
 async def test_concurrent_calls_share_the_pool(pool: TrainingPool, tmp_path: Path) -> None:
     # Two sessions' batches at once, each with a crasher: a crash in one call hits the other
     # call's items in flight too; every innocent item still succeeds.

@@ -52,11 +52,11 @@ from imagetraining.errors import (
 )
 from imagetraining.formats import describe, normalize_extensions
 from imagetraining.names import session_name
+from imagetraining.notifications import notify
 from imagetraining.paths import is_within, resolve_directory
 from imagetraining.settings import Settings
 from imagetraining.v1 import resources_pb2 as pb
 
-NOTIFY_CHANNEL = "imagetraining_sessions"
 MAX_DISPLAY_NAME = 200
 MAX_REQUEST_ID = 128
 MAX_PATHS_PER_REQUEST = 1000
@@ -88,7 +88,6 @@ _RESET_DISCOVERY = """
     discovery_started_at = NULL, discovery_finished_at = NULL"""
 _HAS_SELECTION = "EXISTS (SELECT 1 FROM session_subdirectories WHERE session_id = :id AND selected)"
 
-_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _SUBDIRECTORIES = text(
     """
     SELECT path, selected, image_count, trained_count
@@ -503,7 +502,7 @@ class Sessions:
         row = (await conn.execute(text(sql), params)).mappings().first()
         if row is None:
             await self._refusal(conn, session_id, call, allowed, need_selection)
-        await conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL, "payload": str(session_id)})
+        await notify(conn, session_id)
         return row
 
     async def _refusal(
@@ -638,7 +637,7 @@ class Sessions:
             ).first()
             if deleted is None:
                 await self._refusal(conn, session_id, "DeleteSession", EDITABLE, False)
-            await conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL, "payload": str(session_id)})
+            await notify(conn, session_id)
 
     # ---- edits ---------------------------------------------------------------------------------
 

@@ -24,8 +24,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from imagetraining.db.engine import Database
+from imagetraining.notifications import notify
 
-NOTIFY_CHANNEL = "imagetraining_sessions"
 # Sequence numbers a claim reserves for its event stream (see discovery_worker.events).
 SEQUENCE_BLOCK = 100_000
 ACTIVE = ("discovering", "running")
@@ -173,7 +173,6 @@ _RESERVE = text(
 )
 
 _WATCH = text("SELECT state, epoch, owner_id FROM training_sessions WHERE id = :id")
-_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
 async def fail_exhausted(db: Database, max_attempts: int) -> list[tuple[int, int]]:
@@ -289,10 +288,6 @@ async def still_owned(db: Database, claim: Claim) -> tuple[bool, str]:
     if row.state not in ACTIVE:
         return False, str(row.state)
     return True, str(row.state)
-
-
-async def notify(conn: AsyncConnection, session_id: int) -> None:
-    await conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL, "payload": str(session_id)})
 
 
 class RunObserver(Protocol):

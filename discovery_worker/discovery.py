@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from discovery_worker.claims import RunContext, fault_point, fence, notify
+from discovery_worker.claims import RunContext, fault_point, fence
 from imagetraining.formats import describe, normalize_extensions
+from imagetraining.notifications import notify
 from imagetraining.paths import is_within
 from imagetraining.walk import FoundFile, Issue, Walk
 

@@ -31,10 +31,11 @@ from typing import Any
 
 from sqlalchemy import text
 
-from discovery_worker.claims import RunContext, fault_point, fence, notify
+from discovery_worker.claims import RunContext, fault_point, fence
 from discovery_worker.discovery import FenceLost, load_plan, nested_ids
 from discovery_worker.hashing import HASH_ALGORITHM, ImageResult
 from discovery_worker.pool import TrainingPool
+from imagetraining.notifications import notify
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""LISTEN on the sessions channel as a wake-up only: a dedicated asyncpg connection, reconnected.
+"""NOTIFY / LISTEN on the sessions channel as a wake-up only: a dedicated asyncpg connection, reconnected.
 
 Both services use it: the worker to claim a newly started session at once, the control service's
 relay to notice a new owner or a transition at once. A notification carries only the session id and
@@ -15,10 +15,19 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "imagetraining_sessions"
+
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+
+
+async def notify(conn: AsyncConnection, session_id: int) -> None:
+    """Queue the wake-up for `session_id`; PostgreSQL delivers it when the transaction commits."""
+    await conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL, "payload": str(session_id)})
 
 
 async def listen_forever(

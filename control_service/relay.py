@@ -24,6 +24,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import text
 
+from imagetraining import convert
 from imagetraining.db.engine import Database
 from imagetraining.errors import NotFound, Unavailable
 from imagetraining.fanout import Evicted, Fanout, SubscriberBudget
@@ -35,15 +36,6 @@ from imagetraining.v1 import resources_pb2 as pb
 log = logging.getLogger(__name__)
 
 TERMINAL = frozenset({pb.SESSION_STATE_COMPLETED, pb.SESSION_STATE_CANCELLED, pb.SESSION_STATE_FAILED})
-_STATE_BY_TEXT = {
-    "pending": pb.SESSION_STATE_PENDING,
-    "discovering": pb.SESSION_STATE_DISCOVERING,
-    "running": pb.SESSION_STATE_RUNNING,
-    "paused": pb.SESSION_STATE_PAUSED,
-    "completed": pb.SESSION_STATE_COMPLETED,
-    "cancelled": pb.SESSION_STATE_CANCELLED,
-    "failed": pb.SESSION_STATE_FAILED,
-}
 _OWNER_SQL = text(
     """
     SELECT state, state_reason, event_sequence, owner_address,
@@ -136,7 +128,8 @@ class Feed:
             r = (await conn.execute(_OWNER_SQL, {"id": self.session_id})).first()
         if r is None:
             return None
-        return _Row(_STATE_BY_TEXT[r.state], r.state_reason, r.event_sequence, r.owner_address, bool(r.leased))
+        state = convert.SESSION_STATE_TO_PROTO[r.state]
+        return _Row(state, r.state_reason, r.event_sequence, r.owner_address, bool(r.leased))
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -245,7 +238,7 @@ class Relay:
         `after_sequence`).
         """
         if self._closing:
-            raise Unavailable("the control service is shutting down; reconnect with after_sequence")
+            raise _shutting_down(after_sequence)
         feed = self._feeds.get(session_id)
         if feed is None:
             feed = Feed(self, session_id)
@@ -270,10 +263,7 @@ class Relay:
                     event = await sub.get()
                 except Evicted as exc:
                     if self._closing:
-                        raise Unavailable(
-                            f"the control service is shutting down; reconnect with after_sequence={exc.last_sequence}",
-                            metadata={"last_sequence": str(exc.last_sequence)},
-                        ) from None
+                        raise _shutting_down(exc.last_sequence) from None
                     raise evicted_error(exc.last_sequence, exc.reason) from None
                 if event is None:
                     break
@@ -282,10 +272,7 @@ class Relay:
             if feed.deleted:
                 raise NotFound(feed.name)
             if self._closing:
-                raise Unavailable(
-                    f"the control service is shutting down; reconnect with after_sequence={sub.last_sequence}",
-                    metadata={"last_sequence": str(sub.last_sequence)},
-                )
+                raise _shutting_down(sub.last_sequence)
         finally:
             feed.fanout.unsubscribe(sub)
             if len(feed.fanout) == 0 and self._feeds.get(session_id) is feed:
@@ -306,6 +293,13 @@ class Relay:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+
+
+def _shutting_down(last_sequence: int) -> Unavailable:
+    return Unavailable(
+        f"the control service is shutting down; reconnect with after_sequence={last_sequence}",
+        metadata={"last_sequence": str(last_sequence)},
+    )
 
 
 def _snapshot_event(snapshot: Snapshot, latest: pb.SessionEvent) -> pb.SessionEvent:

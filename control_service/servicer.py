@@ -7,7 +7,6 @@ turns into status codes. Keeping this layer thin keeps every RPC's behaviour tes
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -16,7 +15,7 @@ from control_service.sessions import Sessions, job_state_filter, session_state_f
 from imagetraining import convert
 from imagetraining.errors import Unimplemented
 from imagetraining.names import parse_session_name
-from imagetraining.streaming import evicted_error
+from imagetraining.streaming import start_stream, write_or_evict
 from imagetraining.v1 import resources_pb2 as pb
 from imagetraining.v1 import training_session_service_pb2 as api
 from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
@@ -157,18 +156,11 @@ class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
         if self.watcher is None:
             raise Unimplemented("WatchSession is not available on this server yet; poll GetSessionProgress instead")
         await self.sessions.get(session_id)  # NOT_FOUND before the stream starts
-        # Headers go out on their own: a first message stuck behind flow control must not hold them,
-        # or the eviction's status could not be sent (grpc refuses a second initial-metadata op).
-        await context.send_initial_metadata(())
+        await start_stream(context)
         last = request.after_sequence
         async with contextlib.aclosing(self.watcher(session_id, request.after_sequence)) as events:
             async for event in events:
-                # A client that stops reading blocks this write (HTTP/2 flow control): time it out so
-                # that it is ended with its last sequence instead of pinning the stream forever.
-                try:
-                    # asyncio.timeout, not wait_for: no extra task per message and subscriber.
-                    async with asyncio.timeout(self.write_timeout):
-                        await context.write(api.WatchSessionResponse(event=event))
-                except TimeoutError:
-                    raise evicted_error(last, f"a message waited {self.write_timeout:g} s to be read") from None
+                # A client that stops reading blocks this write (HTTP/2 flow control): it is ended
+                # with its last sequence instead of pinning the stream forever.
+                await write_or_evict(context, api.WatchSessionResponse(event=event), self.write_timeout, last)
                 last = event.sequence

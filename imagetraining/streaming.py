@@ -25,6 +25,27 @@ def evicted_error(last_sequence: int, why: str) -> ResourceExhausted:
     )
 
 
+async def start_stream(context: grpc.aio.ServicerContext) -> None:
+    """Send the headers on their own, before any message.
+
+    A first message stuck behind flow control must not hold them: grpc refuses a second
+    initial-metadata operation, so the eviction's status could not be sent at all.
+    """
+    await context.send_initial_metadata(())
+
+
+async def write_or_evict(context: grpc.aio.ServicerContext, message: Any, timeout: float, last_sequence: int) -> None:
+    """Write one message; a client that has not drained it within `timeout` is ended (ResourceExhausted).
+
+    `last_sequence`: the last sequence the client was given, which it reconnects with.
+    """
+    try:
+        async with asyncio.timeout(timeout):  # no extra task per message, unlike wait_for
+            await context.write(message)
+    except TimeoutError:
+        raise evicted_error(last_sequence, f"a message waited {timeout:g} s to be read") from None
+
+
 async def pump(
     context: grpc.aio.ServicerContext,
     sub: Subscription,
@@ -36,16 +57,10 @@ async def pump(
     """Write `first`, then the subscription until it ends; raise ResourceExhausted on eviction."""
 
     async def send(event: pb.SessionEvent) -> None:
-        try:
-            async with asyncio.timeout(write_timeout):  # no extra task per message, unlike wait_for
-                await context.write(wrap(event))
-        except TimeoutError:
-            raise evicted_error(sub.last_sequence, f"a message waited {write_timeout:g} s to be read") from None
+        await write_or_evict(context, wrap(event), write_timeout, sub.last_sequence)
         sub.delivered()
 
-    # Headers go out on their own: a first message stuck behind flow control must not hold them,
-    # or the eviction's status could not be sent (grpc refuses a second initial-metadata op).
-    await context.send_initial_metadata(())
+    await start_stream(context)
     for event in first:
         await send(event)
         sub.skip_to(event.sequence)

@@ -16,7 +16,7 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import json_format
@@ -148,20 +148,28 @@ def cmd_create(ctx: Context) -> int:
     return EXIT_OK
 
 
+def _pages(fetch: Callable[[str], Any], take: Callable[[Any], None], *, every_page: bool) -> str:
+    """Call a List RPC page by page (only the first unless `every_page`); returns the next page token."""
+    token = ""
+    while True:
+        response = fetch(token)
+        take(response)
+        token = str(response.next_page_token)
+        if not token or not every_page:
+            return token
+
+
 def cmd_list(ctx: Context) -> int:
     a = ctx.args
     state = SESSION_STATES[a.state] if a.state else pb.SESSION_STATE_UNSPECIFIED
     merged = tss.ListSessionsResponse()
-    token = ""
-    while True:
-        response: tss.ListSessionsResponse = ctx.client.call(
+    merged.next_page_token = _pages(
+        lambda token: ctx.client.call(
             "ListSessions", tss.ListSessionsRequest(page_size=a.page_size or 0, page_token=token, state=state)
-        )
-        merged.sessions.extend(response.sessions)
-        token = response.next_page_token
-        if not token or not a.all:
-            break
-    merged.next_page_token = token
+        ),
+        lambda response: merged.sessions.extend(response.sessions),
+        every_page=a.all,
+    )
     if ctx.json:
         output.print_json(ctx.out, merged)
         return EXIT_OK
@@ -169,7 +177,7 @@ def cmd_list(ctx: Context) -> int:
         ctx.out.print("no sessions" + (f" in state {a.state}" if a.state else ""), highlight=False)
     else:
         ctx.out.print(output.sessions_table(merged.sessions))
-    if token:
+    if merged.next_page_token:
         ctx.hint("more sessions: add --all")
     return EXIT_OK
 
@@ -299,16 +307,13 @@ def cmd_jobs(ctx: Context) -> int:
     name = session_name(a.session)
     state = JOB_STATES[a.state] if a.state else pb.JOB_STATE_UNSPECIFIED
     merged = tss.ListJobsResponse()
-    token = ""
-    while True:
-        response: tss.ListJobsResponse = ctx.client.call(
+    merged.next_page_token = _pages(
+        lambda token: ctx.client.call(
             "ListJobs", tss.ListJobsRequest(name=name, page_size=a.page_size or 0, page_token=token, state=state)
-        )
-        merged.jobs.extend(response.jobs)
-        token = response.next_page_token
-        if not token or not a.all:
-            break
-    merged.next_page_token = token
+        ),
+        lambda response: merged.jobs.extend(response.jobs),
+        every_page=a.all,
+    )
     if ctx.json:
         output.print_json(ctx.out, merged)
         return EXIT_OK
@@ -316,7 +321,7 @@ def cmd_jobs(ctx: Context) -> int:
         ctx.out.print(f"no jobs{f' in state {a.state}' if a.state else ''} in {name}", highlight=False)
     else:
         ctx.out.print(output.jobs_table(merged.jobs))
-    if token:
+    if merged.next_page_token:
         ctx.hint("more jobs: add --all")
     return EXIT_OK
 

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from sqlalchemy import text
 
 from imagetraining.db.engine import Database
+from tests.images import Library
 
 
 async def start_session(
@@ -315,3 +316,26 @@ def without_dac_override(db_url: str, scratch: Path) -> tuple[list[str], str]:
         query["host"] = str(sockets)
         db_url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
     return prefix, db_url
+
+
+def true_counts(lib: Library, tops: Sequence[Path]) -> dict[str, int]:
+    """The counters a completed first run over `tops` must show, counted with os.walk."""
+    dirs = files = 0
+    for top in tops:
+        for _d, _subdirs, names in os.walk(top):
+            dirs += 1
+            files += len(names)
+    images = len(lib.image_files)
+    return {
+        "directories_scanned": dirs,
+        "files_seen": files,
+        "images_found": images,
+        "assets_new": images,
+        "assets_changed": 0,
+        "assets_unchanged": 0,
+        "unreadable_paths": 0,
+        "total_images": images,
+        "processed_images": len(lib.good),
+        "failed_images": len(lib.failures),
+        "skipped_images": len(lib.duplicates),
+    }

@@ -8,7 +8,6 @@ exactly one job per (session, asset), every counter equal to the true count.
 
 from __future__ import annotations
 
-import os
 import signal
 import tempfile
 from collections.abc import Iterator
@@ -46,28 +45,6 @@ def crash_library() -> Iterator[tuple[Path, Library, list[Path]]]:
         yield root, lib, tops
 
 
-def true_counts(lib: Library, tops: list[Path]) -> dict[str, int]:
-    dirs = files = 0
-    for top in tops:
-        for _d, _subdirs, names in os.walk(top):
-            dirs += 1
-            files += len(names)
-    images = len(lib.image_files)
-    return {
-        "directories_scanned": dirs,
-        "files_seen": files,
-        "images_found": images,
-        "assets_new": images,
-        "assets_changed": 0,
-        "assets_unchanged": 0,
-        "unreadable_paths": 0,
-        "total_images": images,
-        "processed_images": len(lib.good),
-        "failed_images": len(lib.failures),
-        "skipped_images": len(lib.duplicates),
-    }
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", FAULTS)
 async def test_kill_9_then_restart_completes_exactly(
@@ -98,7 +75,7 @@ async def test_kill_9_then_restart_completes_exactly(
         survivor.terminate()
         await survivor.exited(15)
     assert row["state"] == "completed", (row["state_reason"], survivor.log()[-3000:])
-    assert ws.counters(row) == true_counts(lib, tops)  # type: ignore[arg-type]
+    assert ws.counters(row) == ws.true_counts(lib, tops)
     assert row["epoch"] == 2  # the dead worker's claim, then the survivor's
     images = len(lib.image_files)
     assert await ws.scalar(clean_db, "SELECT count(*) FROM image_assets") == images

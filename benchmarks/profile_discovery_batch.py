@@ -3,9 +3,10 @@
     python benchmarks/profile_discovery_batch.py [--url postgresql://...] [--no-fk]
 
 Creates (and drops) a scratch database `imagetraining_profile`, writes 25 batches of 2,000 new paths
-for one session as the worker does (asset upsert, job insert, counters), then prints seconds per
-statement and rows/s. `--no-fk` runs the same with foreign-key triggers off
-(`session_replication_role = replica`), to show what the per-row FK checks of `training_jobs` cost.
+for one session as the worker does (assets, jobs, counters), then the same 50,000 paths again as a
+rescan of unchanged files, and prints seconds per step and paths/s for both. `--no-fk` runs the same
+with foreign-key triggers off (`session_replication_role = replica`), to show what the per-row FK
+checks of `training_jobs` cost.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy import text
 from discovery_worker import discovery as d
 from imagetraining.db.engine import Database, with_database
 from imagetraining.db.migrate import upgrade
+from imagetraining.walk import FoundFile
 
 BATCHES = 25
 BATCH = 2000
@@ -51,47 +53,42 @@ async def main(url: str, no_fk: bool) -> None:
                     {"s": sid},
                 )
             ).scalar_one()
-        spent = {"asset upsert": 0.0, "job insert": 0.0, "counters": 0.0, "commit": 0.0}
-        started = time.perf_counter()
-        for b in range(BATCHES):
-            paths = [f"/x/a/d{b:03d}/f{i:05d}.jpg" for i in range(BATCH)]
-            async with db.engine.begin() as conn:
-                if no_fk:
-                    await conn.execute(text("SET LOCAL session_replication_role = replica"))
-                t0 = time.perf_counter()
-                params = {"paths": paths, "sizes": [1000] * BATCH, "mtimes": [1] * BATCH}
-                rows = (await conn.execute(d._UPSERT_ASSETS, params)).all()
-                t1 = time.perf_counter()
-                await conn.execute(
-                    d._INSERT_JOBS, {"id": sid, "asset_ids": [r.id for r in rows], "subdirectory_ids": [sub] * BATCH}
-                )
-                t2 = time.perf_counter()
-                await conn.execute(
-                    d._ADVANCE,
-                    {
-                        "id": sid,
-                        "directories_scanned": b,
-                        "files_seen": b * BATCH,
-                        "images_found": b * BATCH,
-                        "unreadable": 0,
-                        "current_directory": "",
-                        "new": BATCH,
-                        "changed": 0,
-                        "unchanged": 0,
-                        "checkpoint": json.dumps({"images": b * BATCH}),
-                    },
-                )
-                t3 = time.perf_counter()
-            spent["commit"] += time.perf_counter() - t3
-            spent["asset upsert"] += t1 - t0
-            spent["job insert"] += t2 - t1
-            spent["counters"] += t3 - t2
-        elapsed = time.perf_counter() - started
-        rows_total = BATCHES * BATCH
-        print(f"{rows_total} paths in {BATCHES} batches{' (FK triggers off)' if no_fk else ''}:")
-        for name, seconds in spent.items():
-            print(f"  {name:13s} {seconds:6.3f} s")
-        print(f"  total         {elapsed:6.3f} s = {rows_total / elapsed:,.0f} paths/s")
+        for label in ("discovery (new paths)", "rescan (unchanged paths)"):
+            spent = {"assets and jobs": 0.0, "counters": 0.0, "commit": 0.0}
+            started = time.perf_counter()
+            for b in range(BATCHES):
+                files = [FoundFile(f"/x/a/d{b:03d}/f{i:05d}.jpg", 1000, 1, sub) for i in range(BATCH)]
+                async with db.engine.begin() as conn:
+                    if no_fk:
+                        await conn.execute(text("SET LOCAL session_replication_role = replica"))
+                    t0 = time.perf_counter()
+                    await d._record(conn, sid, files)
+                    t1 = t2 = time.perf_counter()
+                    await conn.execute(
+                        d._ADVANCE,
+                        {
+                            "id": sid,
+                            "directories_scanned": b,
+                            "files_seen": b * BATCH,
+                            "images_found": b * BATCH,
+                            "unreadable": 0,
+                            "current_directory": "",
+                            "new": BATCH,
+                            "changed": 0,
+                            "unchanged": 0,
+                            "checkpoint": json.dumps({"images": b * BATCH}),
+                        },
+                    )
+                    t3 = time.perf_counter()
+                spent["commit"] += time.perf_counter() - t3
+                spent["assets and jobs"] += t1 - t0
+                spent["counters"] += t3 - t2
+            elapsed = time.perf_counter() - started
+            rows_total = BATCHES * BATCH
+            print(f"{label}: {rows_total} paths in {BATCHES} batches{' (FK triggers off)' if no_fk else ''}:")
+            for name, seconds in spent.items():
+                print(f"  {name:15s} {seconds:6.3f} s")
+            print(f"  total           {elapsed:6.3f} s = {rows_total / elapsed:,.0f} paths/s")
     finally:
         await db.dispose()
         await admin.execute("DROP DATABASE IF EXISTS imagetraining_profile")

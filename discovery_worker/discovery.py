@@ -5,10 +5,13 @@ event loop through a small bounded queue, so walking the next directories overla
 previous batch, and a slow database slows the walk down instead of filling memory.
 
 Each batch is ONE transaction, fenced on the session row (`claims.fence`):
-- a set-based upsert of the batch's assets (`unnest` + `ON CONFLICT (path)`), classified new /
-  changed / unchanged by (size, mtime_ns); an unchanged asset keeps its hash;
-- the session's jobs inserted `ON CONFLICT DO NOTHING`; finished jobs of changed assets go back to
-  `pending` and the training counters go down by as many, in the same statement;
+- one read of the batch's files as recorded (`_PROBE`: per file one probe of the asset's path key
+  and one of the session's job key), classified in Python as new / changed / unchanged by
+  (size, mtime_ns); an unchanged asset keeps its hash;
+- then only the writes the batch needs: new assets inserted (`unnest`, `ON CONFLICT DO NOTHING`),
+  changed ones updated, jobs inserted for files that have none in the session, finished jobs of
+  changed (or stale) files sent back to `pending` with the training counters down by as many.
+  A rescan of unchanged files therefore writes no asset and no job;
 - unreadable paths recorded in `discovery_issues` (`ON CONFLICT DO NOTHING`);
 - counters and the checkpoint advanced.
 
@@ -199,35 +202,48 @@ def _walk_thread(
         put(WalkBatch(done=True, error=exc))
 
 
-_UPSERT_ASSETS = text(
+# The batch's files as recorded: per file one probe of the asset's path key and one of the session's
+# (session_id, asset_id) job key (LATERAL ... LIMIT 1 keeps both per-file probes whatever the
+# statistics say; `path = ANY(...)` let the planner scan every asset for every batch). Everything
+# the batch needs to know about a known file (changed? hash stale? job state?) is in this one read,
+# so a rescan of unchanged files writes no asset and no job at all.
+_PROBE = text(
     """
-    WITH input AS (
-        SELECT * FROM unnest(CAST(:paths AS text[]), CAST(:sizes AS bigint[]), CAST(:mtimes AS bigint[]))
-                 AS t(path, size_bytes, mtime_ns)
-    ),
-    before AS (
-        -- One probe of the path key per file (LIMIT 1: unique), never a scan of every asset per batch.
-        SELECT a.id, a.path
-          FROM input i
-          CROSS JOIN LATERAL (SELECT x.id, x.path FROM image_assets x WHERE x.path = i.path LIMIT 1) a
-    ),
-    upserted AS (
-        INSERT INTO image_assets AS a (path, size_bytes, mtime_ns)
-        SELECT path, size_bytes, mtime_ns FROM input ORDER BY path
-        ON CONFLICT (path) DO UPDATE
-           SET size_bytes = EXCLUDED.size_bytes, mtime_ns = EXCLUDED.mtime_ns, update_time = now()
-         WHERE a.size_bytes <> EXCLUDED.size_bytes OR a.mtime_ns <> EXCLUDED.mtime_ns
-        RETURNING a.id, a.path, (a.xmax = 0) AS inserted
-    )
-    SELECT id, path, CASE WHEN inserted THEN 'new' ELSE 'changed' END AS kind FROM upserted
-    UNION ALL
-    SELECT b.id, b.path, 'unchanged' FROM before b
-     WHERE NOT EXISTS (SELECT 1 FROM upserted u WHERE u.path = b.path)
+    SELECT a.id, a.path, a.size_bytes, a.mtime_ns, a.hashed_size_bytes, a.hashed_mtime_ns,
+           j.id AS job_id, j.state AS job_state
+      FROM unnest(CAST(:paths AS text[])) AS p(path)
+      CROSS JOIN LATERAL (
+            SELECT x.id, x.path, x.size_bytes, x.mtime_ns, x.hashed_size_bytes, x.hashed_mtime_ns
+              FROM image_assets x WHERE x.path = p.path LIMIT 1) a
+      LEFT JOIN LATERAL (
+            SELECT jj.id, jj.state FROM training_jobs jj
+             WHERE jj.session_id = :id AND jj.asset_id = a.id LIMIT 1) j ON true
     """
 )
 
-# Rows another transaction inserted while ours ran (two sessions over the same files): unchanged.
+# Files never seen before. A row another transaction inserted meanwhile (two sessions over the same
+# files) is not returned; the caller looks it up and counts it as unchanged.
+_INSERT_ASSETS = text(
+    """
+    INSERT INTO image_assets (path, size_bytes, mtime_ns)
+    SELECT * FROM unnest(CAST(:paths AS text[]), CAST(:sizes AS bigint[]), CAST(:mtimes AS bigint[]))
+     ORDER BY 1
+    ON CONFLICT (path) DO NOTHING
+    RETURNING id, path
+    """
+)
+
 _LOOKUP_ASSETS = text("SELECT id, path FROM image_assets WHERE path = ANY(CAST(:paths AS text[]))")
+
+_UPDATE_CHANGED_ASSETS = text(
+    """
+    UPDATE image_assets a
+       SET size_bytes = t.size_bytes, mtime_ns = t.mtime_ns, update_time = now()
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:sizes AS bigint[]), CAST(:mtimes AS bigint[]))
+           AS t(id, size_bytes, mtime_ns)
+     WHERE a.id = t.id AND (a.size_bytes, a.mtime_ns) IS DISTINCT FROM (t.size_bytes, t.mtime_ns)
+    """
+)
 
 _INSERT_JOBS = text(
     """
@@ -240,32 +256,15 @@ _INSERT_JOBS = text(
 )
 
 # Finished jobs whose file changed (or whose hash is stale: another session saw the change first)
-# go back to pending; the counters that counted them go down in the same statement.
-_RESET_CHANGED_JOBS = text(
+# go back to pending; the counters that counted them go down in the same statement. The state guard
+# is checked again on the locked rows, so the counters follow what was really reset.
+_RESET_JOBS = text(
     """
-    WITH batch AS (
-        SELECT unnest(CAST(:asset_ids AS bigint[])) AS asset_id
-    ),
-    old AS (
-        -- Driven by the batch's assets, one probe of the (session_id, asset_id) key and one of the
-        -- asset's primary key each, so the cost is the batch's, not the session's. (A filter on
-        -- state let the planner scan every job of the session for every batch, which made a rescan
-        -- of 100,000 files quadratic.) LIMIT 1 (the key is unique) keeps it a per-asset probe
-        -- whatever the statistics say, e.g. right after a bulk load, before autovacuum analysed.
-        SELECT j.id, j.state
-          FROM batch b
-          CROSS JOIN LATERAL (
-                SELECT jj.id, jj.state
-                  FROM training_jobs jj JOIN image_assets a ON a.id = jj.asset_id
-                 WHERE jj.session_id = :id AND jj.asset_id = b.asset_id
-                   AND CASE
-                         WHEN jj.asset_id = ANY(CAST(:changed_ids AS bigint[]))
-                         THEN jj.state IN ('completed', 'failed', 'skipped')
-                         ELSE jj.state IN ('completed', 'skipped')
-                              AND (a.hashed_size_bytes, a.hashed_mtime_ns) IS DISTINCT FROM (a.size_bytes, a.mtime_ns)
-                       END
-                 LIMIT 1
-                   FOR UPDATE OF jj) j
+    WITH old AS (
+        SELECT id, state FROM training_jobs
+         WHERE id = ANY(CAST(:job_ids AS bigint[])) AND session_id = :id
+           AND state IN ('completed', 'failed', 'skipped')
+           FOR UPDATE
     ),
     reset AS (
         UPDATE training_jobs j
@@ -308,47 +307,93 @@ _ADVANCE = text(
 )
 
 
-async def _upsert_assets(conn: AsyncConnection, files: list[FoundFile]) -> dict[str, tuple[int, str]]:
-    """path -> (asset id, 'new' | 'changed' | 'unchanged'), for every file of the batch."""
-    if not files:
-        return {}
-    params = {
-        "paths": [f.path for f in files],
-        "sizes": [f.size for f in files],
-        "mtimes": [f.mtime_ns for f in files],
-    }
-    out = {str(r.path): (int(r.id), str(r.kind)) for r in (await conn.execute(_UPSERT_ASSETS, params)).all()}
-    missing = [f.path for f in files if f.path not in out]
+@dataclass(slots=True)
+class _Asset:
+    """One file of the batch as recorded: its asset id, what discovery found, and its job in the session."""
+
+    id: int
+    kind: str  # 'new' | 'changed' | 'unchanged'
+    stale: bool = False  # an unchanged file whose recorded hash is of another version of it
+    job_id: int | None = None
+    job_state: str = ""
+
+    def needs_reset(self) -> bool:
+        """A finished job whose result no longer matches the file goes back to pending."""
+        if self.job_id is None:
+            return False
+        if self.kind == "changed":
+            return self.job_state in ("completed", "failed", "skipped")
+        return self.stale and self.job_state in ("completed", "skipped")
+
+
+async def _record(conn: AsyncConnection, session_id: int, files: list[FoundFile]) -> dict[str, _Asset]:
+    """path -> _Asset for every file of the batch, after writing what the batch changes.
+
+    Classified in Python from one read (`_PROBE`), so each write touches only the rows that change:
+    new files get an asset, files without a job in the session get one, changed files are updated,
+    and finished jobs of changed (or stale) files go back to pending.
+    """
+    out: dict[str, _Asset] = {}
+    changed: list[tuple[int, FoundFile]] = []
+    rows = (await conn.execute(_PROBE, {"id": session_id, "paths": [f.path for f in files]})).all()
+    found = {str(r.path): r for r in rows}
+    new = []
+    for f in files:
+        r = found.get(f.path)
+        if r is None:
+            new.append(f)
+            continue
+        job_id = None if r.job_id is None else int(r.job_id)
+        if (r.size_bytes, r.mtime_ns) != (f.size, f.mtime_ns):
+            out[f.path] = _Asset(int(r.id), "changed", False, job_id, str(r.job_state or ""))
+            changed.append((int(r.id), f))
+        else:
+            stale = (r.hashed_size_bytes, r.hashed_mtime_ns) != (r.size_bytes, r.mtime_ns)
+            out[f.path] = _Asset(int(r.id), "unchanged", stale, job_id, str(r.job_state or ""))
+    if changed:
+        await conn.execute(
+            _UPDATE_CHANGED_ASSETS,
+            {
+                "ids": [i for i, _f in changed],
+                "sizes": [f.size for _i, f in changed],
+                "mtimes": [f.mtime_ns for _i, f in changed],
+            },
+        )
+    if new:
+        params = {"paths": [f.path for f in new], "sizes": [f.size for f in new], "mtimes": [f.mtime_ns for f in new]}
+        for r in (await conn.execute(_INSERT_ASSETS, params)).all():
+            out[str(r.path)] = _Asset(int(r.id), "new")
+        raced = [f.path for f in new if f.path not in out]
+        if raced:  # inserted by another transaction since our read; no job of ours can name it yet
+            for r in (await conn.execute(_LOOKUP_ASSETS, {"paths": raced})).all():
+                out[str(r.path)] = _Asset(int(r.id), "unchanged")
+    missing = [f for f in files if out[f.path].job_id is None]
     if missing:
-        for r in (await conn.execute(_LOOKUP_ASSETS, {"paths": missing})).all():
-            out[str(r.path)] = (int(r.id), "unchanged")
+        await conn.execute(
+            _INSERT_JOBS,
+            {
+                "id": session_id,
+                "asset_ids": [out[f.path].id for f in missing],
+                "subdirectory_ids": [f.top for f in missing],
+            },
+        )
+    reset = [a.job_id for a in out.values() if a.needs_reset()]
+    if reset:
+        await conn.execute(_RESET_JOBS, {"id": session_id, "job_ids": reset})
     return out
 
 
 async def write_batch(ctx: RunContext, batch: WalkBatch, totals: DiscoveryTotals) -> None:
     """One fenced transaction per batch; raises FenceLost (after rolling back) when the session is not ours."""
     sid = ctx.claim.session_id
-    # Paths are unique within a walk; a duplicate would make ON CONFLICT DO UPDATE fail the batch.
+    # Paths are unique within a walk; a duplicate would count one file twice.
     files = list({f.path: f for f in batch.files}.values())
     async with ctx.db.engine.begin() as conn:
         checkpoint = await fence(conn, ctx.claim, "discovering")
         if checkpoint is None:
             raise FenceLost
         counted_from = int(checkpoint.get("images", 0))
-        assets = await _upsert_assets(conn, files)
-        if files:
-            await conn.execute(
-                _INSERT_JOBS,
-                {
-                    "id": sid,
-                    "asset_ids": [assets[f.path][0] for f in files],
-                    "subdirectory_ids": [f.top for f in files],
-                },
-            )
-            known = [aid for aid, kind in assets.values() if kind != "new"]
-            if known:  # a new asset's job was just inserted pending: nothing to reset
-                changed_ids = [aid for aid, kind in assets.values() if kind == "changed"]
-                await conn.execute(_RESET_CHANGED_JOBS, {"id": sid, "asset_ids": known, "changed_ids": changed_ids})
+        assets = await _record(conn, sid, files) if files else {}
         if batch.issues:
             await conn.execute(
                 _INSERT_ISSUES,
@@ -362,7 +407,7 @@ async def write_batch(ctx: RunContext, batch: WalkBatch, totals: DiscoveryTotals
         kinds = {"new": 0, "changed": 0, "unchanged": 0}
         for position, f in enumerate(batch.files, start=batch.start_index):
             if position >= counted_from:
-                kinds[assets[f.path][1]] += 1
+                kinds[assets[f.path].kind] += 1
         covered = max(counted_from, batch.start_index + len(batch.files))
         committed = await conn.execute(
             _ADVANCE,

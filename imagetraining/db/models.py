@@ -186,14 +186,19 @@ class TrainingJob(Base):
         UniqueConstraint("session_id", "asset_id", name="uq_training_jobs_session_asset"),
         CheckConstraint(_check_in("state", JobState), name="state"),
         Index("ix_training_jobs_session_state", "session_id", "state", "id"),
-        Index("ix_training_jobs_asset_id", "asset_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     session_id: Mapped[int] = mapped_column(ForeignKey("training_sessions.id", ondelete="CASCADE"))
-    asset_id: Mapped[int] = mapped_column(ForeignKey("image_assets.id", ondelete="CASCADE"))
+    # No foreign key on asset_id and subdirectory_id, on purpose: discovery inserts jobs 2,000 at a
+    # time, and the two per-row FK checks (plus the index the asset FK needs for deletes) cost more
+    # than the insert itself (benchmarks/profile_discovery_batch.py, docs/performance.md). Both ids
+    # are written by the worker from rows it read or inserted in the same transaction; assets are
+    # never deleted, and subdirectory rows go only with their session, whose FK (kept) cascades to
+    # its jobs.
+    asset_id: Mapped[int] = mapped_column(BigInteger)
     # The selected subdirectory this image was found under (for per-subdirectory counts).
-    subdirectory_id: Mapped[int | None] = mapped_column(ForeignKey("session_subdirectories.id", ondelete="SET NULL"))
+    subdirectory_id: Mapped[int | None] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(16), server_default=JobState.PENDING.value)
     error_class: Mapped[str] = mapped_column(String(32), server_default="")
     error_message: Mapped[str] = mapped_column(Text, server_default="")

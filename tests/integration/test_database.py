@@ -20,4 +20,4 @@ async def test_migrated_database_matches_models(database: Database) -> None:
         diff = await conn.run_sync(_diff)
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
     assert diff == []
-    assert version == "0001"
+    assert version == "0002"

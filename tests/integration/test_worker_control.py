@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from discovery_worker.worker import WorkerHandle, run_worker
 from imagetraining.db.engine import Database
@@ -210,3 +211,41 @@ async def test_cancel_during_hashing(clean_db: Database, slow_worker: WorkerHand
     after = await ws.session(clean_db, sid)
     assert after["state"] == "cancelled" and ws.counters(after) == ws.counters(cancelled)  # type: ignore[arg-type]
     assert 0 < int(after["processed_images"]) < 100  # type: ignore[call-overload]
+
+
+async def test_rescan_retrains_a_file_another_session_saw_change(
+    clean_db: Database, worker: WorkerHandle, library: Path
+) -> None:
+    """The asset row is shared: when session A re-records a changed file, B's rescan sees it unchanged
+    against the row but with a hash of the old content, and trains it again (and only it)."""
+    count = 12
+    for i in range(count):
+        write_jpeg(library / "shared" / f"img{i:02d}.jpg", 64, 48, seed=500 + i)
+    sid = await ws.start_session(clean_db, library, [library / "shared"], name="b")
+
+    async def completed() -> dict[str, object] | None:
+        row = await ws.session(clean_db, sid)
+        return row if row["state"] == "completed" else None
+
+    await wait_for(completed, timeout=60, what="first run")
+    changed = library / "shared" / "img03.jpg"
+    write_jpeg(changed, 80, 60, seed=9999)
+    st = changed.stat()
+    # What session A's discovery writes for the changed file; A has not hashed it yet.
+    async with clean_db.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE image_assets SET size_bytes = :s, mtime_ns = :m WHERE path = :p"),
+            {"s": st.st_size, "m": st.st_mtime_ns, "p": str(changed)},
+        )
+    assert await ws.restart_all(clean_db, sid)
+    row = await wait_for(completed, timeout=60, what="the rescan")
+    assert (row["assets_changed"], row["assets_unchanged"], row["assets_new"]) == (0, count, 0)
+    assert (row["processed_images"], row["total_images"]) == (count, count)
+    attempts = {j["path"]: j["attempts"] for j in await ws.jobs(clean_db, sid)}
+    assert attempts.pop(str(changed)) == 2 and set(attempts.values()) == {1}
+    hashed = await ws.scalar(
+        clean_db,
+        "SELECT (hashed_size_bytes, hashed_mtime_ns) = (size_bytes, mtime_ns) FROM image_assets WHERE path = :p",
+        p=str(changed),
+    )
+    assert hashed is True

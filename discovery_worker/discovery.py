@@ -5,13 +5,13 @@ event loop through a small bounded queue, so walking the next directories overla
 previous batch, and a slow database slows the walk down instead of filling memory.
 
 Each batch is ONE transaction, fenced on the session row (`claims.fence`):
-- one read of the batch's files as recorded (`_PROBE`: per file one probe of the asset's path key
-  and one of the session's job key), classified in Python as new / changed / unchanged by
+- one read of the batch's files as recorded (`_PROBE`: one probe of the path key per file, read
+  ahead while the previous batch writes), classified in Python as new / changed / unchanged by
   (size, mtime_ns); an unchanged asset keeps its hash;
 - then only the writes the batch needs: new assets inserted (`unnest`, `ON CONFLICT DO NOTHING`),
-  changed ones updated, jobs inserted for files that have none in the session, finished jobs of
-  changed (or stale) files sent back to `pending` with the training counters down by as many.
-  A rescan of unchanged files therefore writes no asset and no job;
+  changed ones updated, the session's jobs inserted `ON CONFLICT DO NOTHING` (a rescan inserts
+  none), and, only when the batch has changed (or stale) files, their finished jobs sent back to
+  `pending` with the training counters down by as many;
 - unreadable paths recorded in `discovery_issues` (`ON CONFLICT DO NOTHING`);
 - counters and the checkpoint advanced.
 
@@ -35,9 +35,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from discovery_worker.claims import RunContext, fault_point, fence
@@ -202,22 +204,17 @@ def _walk_thread(
         put(WalkBatch(done=True, error=exc))
 
 
-# The batch's files as recorded: per file one probe of the asset's path key and one of the session's
-# (session_id, asset_id) job key (LATERAL ... LIMIT 1 keeps both per-file probes whatever the
-# statistics say; `path = ANY(...)` let the planner scan every asset for every batch). Everything
-# the batch needs to know about a known file (changed? hash stale? job state?) is in this one read,
-# so a rescan of unchanged files writes no asset and no job at all.
+# The batch's files as recorded: one probe of the path key per file (LATERAL ... LIMIT 1 keeps it a
+# per-file probe whatever the statistics say; `path = ANY(...)` let the planner scan every asset for
+# every batch). Everything the batch needs to know about a known file (changed? hash stale?) is in
+# this one read, so a rescan of unchanged files writes no asset.
 _PROBE = text(
     """
-    SELECT a.id, a.path, a.size_bytes, a.mtime_ns, a.hashed_size_bytes, a.hashed_mtime_ns,
-           j.id AS job_id, j.state AS job_state
+    SELECT a.id, a.path, a.size_bytes, a.mtime_ns, a.hashed_size_bytes, a.hashed_mtime_ns
       FROM unnest(CAST(:paths AS text[])) AS p(path)
       CROSS JOIN LATERAL (
             SELECT x.id, x.path, x.size_bytes, x.mtime_ns, x.hashed_size_bytes, x.hashed_mtime_ns
               FROM image_assets x WHERE x.path = p.path LIMIT 1) a
-      LEFT JOIN LATERAL (
-            SELECT jj.id, jj.state FROM training_jobs jj
-             WHERE jj.session_id = :id AND jj.asset_id = a.id LIMIT 1) j ON true
     """
 )
 
@@ -256,14 +253,20 @@ _INSERT_JOBS = text(
 )
 
 # Finished jobs whose file changed (or whose hash is stale: another session saw the change first)
-# go back to pending; the counters that counted them go down in the same statement. The state guard
-# is checked again on the locked rows, so the counters follow what was really reset.
+# go back to pending; the counters that counted them go down in the same statement. Only run for a
+# batch that has such files. One pass over the session's job key for the batch, never one per file:
+# the jobs are not probed per file anywhere, because right after a new session's first batches the
+# statistics say it has no jobs and the planner may then walk all of them through
+# (session_id, state, id) for every probe (seen: 100,000 files taking 100 s).
 _RESET_JOBS = text(
     """
     WITH old AS (
         SELECT id, state FROM training_jobs
-         WHERE id = ANY(CAST(:job_ids AS bigint[])) AND session_id = :id
-           AND state IN ('completed', 'failed', 'skipped')
+         WHERE session_id = :id AND asset_id = ANY(CAST(:asset_ids AS bigint[]))
+           AND CASE WHEN asset_id = ANY(CAST(:changed_ids AS bigint[]))
+                    THEN state IN ('completed', 'failed', 'skipped')
+                    ELSE state IN ('completed', 'skipped')
+               END
            FOR UPDATE
     ),
     reset AS (
@@ -309,33 +312,47 @@ _ADVANCE = text(
 
 @dataclass(slots=True)
 class _Asset:
-    """One file of the batch as recorded: its asset id, what discovery found, and its job in the session."""
+    """One file of the batch as recorded: its asset id and what discovery found about it."""
 
     id: int
     kind: str  # 'new' | 'changed' | 'unchanged'
     stale: bool = False  # an unchanged file whose recorded hash is of another version of it
-    job_id: int | None = None
-    job_state: str = ""
-
-    def needs_reset(self) -> bool:
-        """A finished job whose result no longer matches the file goes back to pending."""
-        if self.job_id is None:
-            return False
-        if self.kind == "changed":
-            return self.job_state in ("completed", "failed", "skipped")
-        return self.stale and self.job_state in ("completed", "skipped")
 
 
-async def _record(conn: AsyncConnection, session_id: int, files: list[FoundFile]) -> dict[str, _Asset]:
+async def probe(ctx: RunContext, batch: WalkBatch) -> Sequence[Row[Any]]:
+    """The batch's `_PROBE` rows, read on a connection of its own.
+
+    Run for batch k+1 while batch k's transaction writes (`run_discovery`), so on a rescan, where
+    the read is much of the work, the database reads and writes on two cores at once. Reading
+    outside the batch's transaction is safe: paths are unique within a walk, so no earlier batch of
+    this walk writes the rows it reads, and what another session inserts meanwhile is caught by
+    `ON CONFLICT` and looked up again.
+    """
+    files = _unique(batch.files)
+    if not files:
+        return []
+    async with ctx.db.engine.connect() as conn:
+        return (await conn.execute(_PROBE, {"paths": [f.path for f in files]})).all()
+
+
+def _unique(files: list[FoundFile]) -> list[FoundFile]:
+    # Paths are unique within a walk; a duplicate would count one file twice.
+    return list({f.path: f for f in files}.values())
+
+
+async def _record(
+    conn: AsyncConnection, session_id: int, files: list[FoundFile], rows: Sequence[Row[Any]] | None = None
+) -> dict[str, _Asset]:
     """path -> _Asset for every file of the batch, after writing what the batch changes.
 
     Classified in Python from one read (`_PROBE`), so each write touches only the rows that change:
-    new files get an asset, files without a job in the session get one, changed files are updated,
+    new files get an asset, changed ones are updated, files without a job in the session get one,
     and finished jobs of changed (or stale) files go back to pending.
     """
     out: dict[str, _Asset] = {}
     changed: list[tuple[int, FoundFile]] = []
-    rows = (await conn.execute(_PROBE, {"id": session_id, "paths": [f.path for f in files]})).all()
+    if rows is None:
+        rows = (await conn.execute(_PROBE, {"paths": [f.path for f in files]})).all()
     found = {str(r.path): r for r in rows}
     new = []
     for f in files:
@@ -343,13 +360,12 @@ async def _record(conn: AsyncConnection, session_id: int, files: list[FoundFile]
         if r is None:
             new.append(f)
             continue
-        job_id = None if r.job_id is None else int(r.job_id)
         if (r.size_bytes, r.mtime_ns) != (f.size, f.mtime_ns):
-            out[f.path] = _Asset(int(r.id), "changed", False, job_id, str(r.job_state or ""))
+            out[f.path] = _Asset(int(r.id), "changed")
             changed.append((int(r.id), f))
         else:
             stale = (r.hashed_size_bytes, r.hashed_mtime_ns) != (r.size_bytes, r.mtime_ns)
-            out[f.path] = _Asset(int(r.id), "unchanged", stale, job_id, str(r.job_state or ""))
+            out[f.path] = _Asset(int(r.id), "unchanged", stale)
     if changed:
         await conn.execute(
             _UPDATE_CHANGED_ASSETS,
@@ -364,36 +380,37 @@ async def _record(conn: AsyncConnection, session_id: int, files: list[FoundFile]
         for r in (await conn.execute(_INSERT_ASSETS, params)).all():
             out[str(r.path)] = _Asset(int(r.id), "new")
         raced = [f.path for f in new if f.path not in out]
-        if raced:  # inserted by another transaction since our read; no job of ours can name it yet
+        if raced:  # inserted by another transaction since our read
             for r in (await conn.execute(_LOOKUP_ASSETS, {"paths": raced})).all():
                 out[str(r.path)] = _Asset(int(r.id), "unchanged")
-    missing = [f for f in files if out[f.path].job_id is None]
-    if missing:
-        await conn.execute(
-            _INSERT_JOBS,
-            {
-                "id": session_id,
-                "asset_ids": [out[f.path].id for f in missing],
-                "subdirectory_ids": [f.top for f in missing],
-            },
-        )
-    reset = [a.job_id for a in out.values() if a.needs_reset()]
-    if reset:
-        await conn.execute(_RESET_JOBS, {"id": session_id, "job_ids": reset})
+    # Every file gets its job; the arbiter (session_id, asset_id) probe skips those that exist, so a
+    # rescan inserts nothing.
+    await conn.execute(
+        _INSERT_JOBS,
+        {"id": session_id, "asset_ids": [out[f.path].id for f in files], "subdirectory_ids": [f.top for f in files]},
+    )
+    outdated = [a.id for a in out.values() if a.kind == "changed" or a.stale]
+    if outdated:
+        changed_ids = [a.id for a in out.values() if a.kind == "changed"]
+        await conn.execute(_RESET_JOBS, {"id": session_id, "asset_ids": outdated, "changed_ids": changed_ids})
     return out
 
 
-async def write_batch(ctx: RunContext, batch: WalkBatch, totals: DiscoveryTotals) -> None:
-    """One fenced transaction per batch; raises FenceLost (after rolling back) when the session is not ours."""
+async def write_batch(
+    ctx: RunContext, batch: WalkBatch, totals: DiscoveryTotals, probed: Sequence[Row[Any]] | None = None
+) -> None:
+    """One fenced transaction per batch; raises FenceLost (after rolling back) when the session is not ours.
+
+    `probed`: the batch's `probe` rows, read ahead; None reads them in this transaction.
+    """
     sid = ctx.claim.session_id
-    # Paths are unique within a walk; a duplicate would count one file twice.
-    files = list({f.path: f for f in batch.files}.values())
+    files = _unique(batch.files)
     async with ctx.db.engine.begin() as conn:
         checkpoint = await fence(conn, ctx.claim, "discovering")
         if checkpoint is None:
             raise FenceLost
         counted_from = int(checkpoint.get("images", 0))
-        assets = await _record(conn, sid, files) if files else {}
+        assets = await _record(conn, sid, files, probed) if files else {}
         if batch.issues:
             await conn.execute(
                 _INSERT_ISSUES,
@@ -533,17 +550,31 @@ async def run_discovery(ctx: RunContext) -> tuple[str, int, DiscoveryTotals, Wal
     walker = loop.run_in_executor(None, _walk_thread, ctx, plan, loop, queue, abort)
     stop_wait = asyncio.ensure_future(ctx.stop.event.wait())
     final: WalkBatch | None = None
+    ahead: tuple[WalkBatch, asyncio.Task[Sequence[Row[Any]]] | None] | None = None
     try:
         while True:
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({getter, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if ctx.stop.is_set():
-                getter.cancel()
-                return "stopped", 0, totals, final
-            batch = getter.result()
-            if batch.error is not None:
-                raise batch.error
-            await write_batch(ctx, batch, totals)
+            if ahead is None:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if ctx.stop.is_set():
+                    getter.cancel()
+                    return "stopped", 0, totals, final
+                batch = getter.result()
+                if batch.error is not None:
+                    raise batch.error
+                probed = None
+            else:
+                batch, reading = ahead
+                ahead = None
+                if batch.error is not None:
+                    raise batch.error
+                probed = None if reading is None else await reading
+            if not batch.done and not queue.empty():
+                # Read the next batch's rows while this one writes (see `probe`).
+                following = queue.get_nowait()
+                reading = None if following.error is not None else asyncio.create_task(probe(ctx, following))
+                ahead = (following, reading)
+            await write_batch(ctx, batch, totals, probed)
             final = batch
             if batch.done:
                 break
@@ -553,6 +584,9 @@ async def run_discovery(ctx: RunContext) -> tuple[str, int, DiscoveryTotals, Wal
         return state, total, totals, final
     finally:
         stop_wait.cancel()
+        if ahead is not None and ahead[1] is not None:
+            ahead[1].cancel()
+            await asyncio.gather(ahead[1], return_exceptions=True)
         # The thread has finished, or returns within ~0.2 s of this (its walk and its put poll `abort`).
         abort.set()
         await asyncio.wait({walker}, timeout=5.0)

@@ -346,7 +346,7 @@ async def run_worker(
 
     settings.validate_worker()
     url = await resolve_url(settings)
-    db = Database.connect(url, pool_size=max(4, 2 * settings.max_sessions_per_worker + 2))
+    db = Database.connect(url, pool_size=max(4, 2 * settings.max_sessions_per_worker + 2), custom_plans=True)
     try:
         if migrate:
             await upgrade(db.engine)

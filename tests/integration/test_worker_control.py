@@ -249,3 +249,9 @@ async def test_rescan_retrains_a_file_another_session_saw_change(
         p=str(changed),
     )
     assert hashed is True
+
+
+async def test_worker_plans_every_batch_statement_afresh(worker: WorkerHandle) -> None:
+    """The worker's connections never reuse a generic plan made while the tables were small (engine.py)."""
+    async with worker.db.engine.connect() as conn:
+        assert (await conn.execute(text("SHOW plan_cache_mode"))).scalar_one() == "force_custom_plan"

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import sys
 
-from control_service.server import serve
+from control_service.server import serve, tune_gc
 from imagetraining.db.engine import Database, resolve_url
 from imagetraining.db.migrate import upgrade
 from imagetraining.rpc import install_signal_handlers
@@ -40,6 +40,7 @@ def main() -> int:
         print(f"imagetraining: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    tune_gc()
     asyncio.run(run(settings))
     return 0
 

@@ -8,24 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 
 from control_service.relay import Relay, Snapshot, SnapshotLoader
-from control_service.servicer import TrainingSessionServicer, Watcher
+from control_service.servicer import Encoder, TrainingSessionServicer, Watcher, watch_response
 from control_service.sessions import Sessions
 from imagetraining.db.engine import Database, resolve_url
 from imagetraining.notifications import listen_forever
 from imagetraining.rpc import ServerHandle, channel_credentials, start_server
 from imagetraining.settings import Settings
+from imagetraining.streaming import WireCache, pass_bytes
 from imagetraining.v1 import training_session_service_pb2 as api
-from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE = api.DESCRIPTOR.services_by_name["TrainingSessionService"]
+# Young-generation collection threshold (CPython's default: 700). Each progress event makes every
+# WatchSession call allocate a few objects that live until its write completes; with a thousand
+# subscribers the default threshold promotes them by the thousand, and the full collections that
+# follow (hundreds of ms over every subscriber's objects) stalled delivery for everyone.
+GC_YOUNG_THRESHOLD = 50_000
 
 
 @dataclass
@@ -77,6 +85,7 @@ async def serve(
     db = database or Database.connect(await resolve_url(settings))
     sessions = Sessions(db, settings)
     relay: Relay | None = None
+    encode: Encoder = watch_response
     if watcher is None:
         relay = Relay(
             db,
@@ -89,10 +98,12 @@ async def serve(
             auth_token=settings.auth_token,
         )
         watcher = relay.watch
-    servicer = TrainingSessionServicer(sessions, watcher, write_timeout=settings.subscriber_idle_seconds)
+        # The relay never changes an event once published: serialize it once for all its subscribers.
+        encode = WireCache(watch_response)
+    servicer = TrainingSessionServicer(sessions, watcher, write_timeout=settings.subscriber_idle_seconds, encode=encode)
 
     def add(server: grpc.aio.Server) -> None:
-        api_grpc.add_TrainingSessionServiceServicer_to_server(servicer, server)
+        add_servicer(servicer, server)
 
     try:
         handle = await start_server(address or settings.control_address, settings, add, [SERVICE])
@@ -120,6 +131,43 @@ async def serve(
     return ControlServer(
         handle=handle, db=db, sessions=sessions, owns_db=database is None, relay=relay, listener=listener
     )
+
+
+def tune_gc() -> None:
+    """Raise the process's young-generation GC threshold to GC_YOUNG_THRESHOLD (never lowers it).
+
+    Process-wide, so the entry point (`python -m control_service`) calls it, not `serve`.
+    """
+    young, middle, old = gc.get_threshold()
+    if 0 < young < GC_YOUNG_THRESHOLD:
+        gc.set_threshold(GC_YOUNG_THRESHOLD, max(middle, 20), old)
+
+
+def method_handlers(servicer: TrainingSessionServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """What `add_TrainingSessionServiceServicer_to_server` registers, but WatchSession writes bytes too.
+
+    The generated code fixes every response serializer to `SerializeToString`; WatchSession's
+    accepts the pre-serialized `WatchSessionResponse` its encoder returns (`pass_bytes`), so an
+    event shared by a thousand subscribers is serialized once, not a thousand times.
+    """
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in SERVICE.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(servicer, method.name)
+        serializer: Any = pass_bytes if method.name == "WatchSession" else response.SerializeToString
+        if method.client_streaming or (method.server_streaming and method.name != "WatchSession"):
+            raise NotImplementedError(f"{method.full_name}: only unary methods and WatchSession are registered")
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(behaviour, request_deserializer=request.FromString, response_serializer=serializer)
+    return handlers
+
+
+def add_servicer(servicer: TrainingSessionServicer, server: grpc.aio.Server) -> None:
+    """Register the service on `server` as the generated `add_..._to_server` does."""
+    handlers = method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 def _snapshot_loader(sessions: Sessions) -> SnapshotLoader:

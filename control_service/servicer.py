@@ -15,13 +15,19 @@ from control_service.sessions import Sessions, job_state_filter, session_state_f
 from imagetraining import convert
 from imagetraining.errors import Unimplemented
 from imagetraining.names import parse_session_name
-from imagetraining.streaming import start_stream, write_or_evict
+from imagetraining.streaming import StreamWriter, start_stream
 from imagetraining.v1 import resources_pb2 as pb
 from imagetraining.v1 import training_session_service_pb2 as api
 from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
 
 # WatchSession's seam: (session id, after_sequence) -> the events to send. The relay plugs in here.
 Watcher = Callable[[int, int], AsyncGenerator[pb.SessionEvent, None]]
+# The WatchSessionResponse to write for an event: the message, or its serialized bytes (see server.py).
+Encoder = Callable[[pb.SessionEvent], "api.WatchSessionResponse | bytes"]
+
+
+def watch_response(event: pb.SessionEvent) -> api.WatchSessionResponse:
+    return api.WatchSessionResponse(event=event)
 
 
 def _config(config: pb.SessionConfig) -> dict[str, Any]:
@@ -35,10 +41,19 @@ def _time_remaining(context: Any) -> float | None:
 
 
 class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
-    def __init__(self, sessions: Sessions, watcher: Watcher | None = None, *, write_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        sessions: Sessions,
+        watcher: Watcher | None = None,
+        *,
+        write_timeout: float = 30.0,
+        encode: Encoder = watch_response,
+    ) -> None:
         self.sessions = sessions
         self.watcher = watcher
         self.write_timeout = write_timeout
+        # The relay's events are shared by every subscriber: server.py serializes each one once.
+        self.encode = encode
 
     async def CreateSession(self, request: api.CreateSessionRequest, context: Any) -> api.CreateSessionResponse:
         session = await self.sessions.create(
@@ -158,9 +173,10 @@ class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
         await self.sessions.get(session_id)  # NOT_FOUND before the stream starts
         await start_stream(context)
         last = request.after_sequence
+        encode, writer = self.encode, StreamWriter(context, self.write_timeout)
         async with contextlib.aclosing(self.watcher(session_id, request.after_sequence)) as events:
             async for event in events:
                 # A client that stops reading blocks this write (HTTP/2 flow control): it is ended
                 # with its last sequence instead of pinning the stream forever.
-                await write_or_evict(context, api.WatchSessionResponse(event=event), self.write_timeout, last)
+                await writer.write(encode(event), last)
                 last = event.sequence

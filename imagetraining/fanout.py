@@ -60,7 +60,9 @@ class Subscription:
 
     def __init__(self, after_sequence: int, max_queue: int) -> None:
         self._queue: deque[pb.SessionEvent] = deque()
-        self._wake = asyncio.Event()
+        # The reader's wake-up while it waits in `get` (a bare future: one per wait, set at most once).
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._max_queue = max_queue
         self._last_offered = after_sequence
         self._closed = False
@@ -82,7 +84,14 @@ class Subscription:
             self._queue.append(event)
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
-        self._wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def skip_to(self, sequence: int) -> None:
         """The consumer was given `sequence` out of band (a snapshot): drop anything not newer."""
@@ -99,12 +108,12 @@ class Subscription:
             self._evicted = Evicted(self.last_sequence, reason)
             self._queue.clear()
             self.evicted_event.set()
-            self._wake.set()
+            self._wake()
 
     def end(self) -> None:
         """No more messages will come: `get` returns None once the queue is drained."""
         self._closed = True
-        self._wake.set()
+        self._wake()
 
     @property
     def pending(self) -> int:
@@ -122,8 +131,10 @@ class Subscription:
                 return event
             if self._closed:
                 return None
-            self._wake.clear()
-            await self._wake.wait()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
+            await self._waiter
 
     def delivered(self) -> None:
         """The consumer finished writing the last message: nothing it holds is waiting any more."""

@@ -124,7 +124,7 @@ class Feed:
         self._publish(event)
 
     async def _read(self) -> _Row | None:
-        async with self.relay.db.engine.connect() as conn:
+        async with self.relay.db.reads.connect() as conn:
             r = (await conn.execute(_OWNER_SQL, {"id": self.session_id})).first()
         if r is None:
             return None

@@ -334,18 +334,18 @@ class Sessions:
 
     async def get(self, session_id: int) -> pb.Session:
         """GetSession: the session with its subdirectories and progress."""
-        async with self.db.engine.connect() as conn:
+        async with self.db.reads.connect() as conn:
             return await self._proto(conn, await self._row(conn, session_id))
 
     async def get_with_sequence(self, session_id: int) -> tuple[pb.Session, int]:
         """The session and its stored event sequence ceiling: the snapshot WatchSession starts with."""
-        async with self.db.engine.connect() as conn:
+        async with self.db.reads.connect() as conn:
             row = await self._row(conn, session_id)
             return await self._proto(conn, row), int(row["event_sequence"])
 
     async def progress(self, session_id: int) -> Progress:
         """GetSessionProgress: one primary-key read, no subdirectories."""
-        async with self.db.engine.connect() as conn:
+        async with self.db.reads.connect() as conn:
             row = await self._row(conn, session_id)
         return Progress(
             name=session_name(session_id),
@@ -371,7 +371,7 @@ class Sessions:
             where.append("id < :after")
             params["after"] = after
         sql = f"SELECT * FROM training_sessions WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"
-        async with self.db.engine.connect() as conn:
+        async with self.db.reads.connect() as conn:
             rows = (await conn.execute(text(sql), params)).mappings().all()
         page = rows[:limit]
         token = _encode_token(int(page[-1]["id"]), scope) if len(rows) > limit else ""
@@ -401,7 +401,7 @@ class Sessions:
              WHERE {" AND ".join(where)}
              ORDER BY j.id
              LIMIT :limit"""
-        async with self.db.engine.connect() as conn:
+        async with self.db.reads.connect() as conn:
             await self._row(conn, session_id)
             rows = (await conn.execute(text(sql), params)).mappings().all()
         page = rows[:limit]
@@ -411,7 +411,7 @@ class Sessions:
     # ---- idempotency ---------------------------------------------------------------------------
 
     async def _stored_answer(self, method: str, request_id: str, session_id: int | None) -> pb.Session | None:
-        async with self.db.engine.connect() as conn:
+        async with self.db.reads.connect() as conn:
             row = (
                 await conn.execute(
                     text(
@@ -705,7 +705,7 @@ class Sessions:
         """UpdateSubdirectories: select / unselect (adding unknown paths under the root)."""
         if len(selections) > MAX_PATHS_PER_REQUEST:
             raise InvalidArgument.field("selections", f"at most {MAX_PATHS_PER_REQUEST} per request")
-        async with self.db.engine.connect() as conn:
+        async with self.db.reads.connect() as conn:
             root = (await self._row(conn, session_id))["root_path"]
         resolved = await asyncio.to_thread(self._resolve_selections, root, selections)
         async with self._begin("UpdateSubdirectories", session_id) as conn:
@@ -855,7 +855,7 @@ class Sessions:
 
     async def validate(self, session_id: int, time_remaining: float | None) -> Validation:
         """ValidateSession: StartSession's checks and a bounded image count, changing nothing."""
-        async with self.db.engine.connect() as conn:
+        async with self.db.reads.connect() as conn:
             row = await self._row(conn, session_id)
             subdirectories = (await conn.execute(_SUBDIRECTORIES, {"id": session_id})).mappings().all()
         state = SessionState(row["state"])

@@ -21,3 +21,15 @@ async def test_migrated_database_matches_models(database: Database) -> None:
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
     assert diff == []
     assert version == "0002"
+
+
+async def test_reads_run_each_statement_on_its_own(database: Database) -> None:
+    """`Database.reads` is autocommit: no BEGIN/ROLLBACK round trips around a read-only request."""
+    async with database.reads.connect() as conn:
+        first = (await conn.execute(text("SELECT txid_current()"))).scalar_one()
+        second = (await conn.execute(text("SELECT txid_current()"))).scalar_one()
+    assert second > first
+    async with database.engine.connect() as conn:
+        first = (await conn.execute(text("SELECT txid_current()"))).scalar_one()
+        second = (await conn.execute(text("SELECT txid_current()"))).scalar_one()
+    assert second == first

@@ -12,6 +12,8 @@ Each batch is ONE transaction, fenced on the session row (`claims.fence`):
   changed ones updated, the session's jobs inserted `ON CONFLICT DO NOTHING` (a rescan inserts
   none), and, only when the batch has changed (or stale) files, their finished jobs sent back to
   `pending` with the training counters down by as many;
+- the fingerprints of the directories whose last image is in the batch (`fingerprint`): on a rescan,
+  a directory whose fingerprint equals the stored one is only counted, never read or written per file;
 - unreadable paths recorded in `discovery_issues` (`ON CONFLICT DO NOTHING`);
 - counters and the checkpoint advanced.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +57,9 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 1.0
 # Batches waiting for the writer; the walk blocks beyond this (memory bound, back-pressure).
 QUEUE_BATCHES = 2
+# Images of one directory held back until the directory is complete (to fingerprint it); a larger
+# directory goes on without a fingerprint, as it comes, so memory stays bounded.
+MAX_HELD = 10_000
 
 
 class FenceLost(Exception):
@@ -68,6 +74,8 @@ class Plan:
     extensions: tuple[str, ...]
     recursive: bool
     batch_size: int
+    # directory path -> digest this session recorded (`fingerprint`); equal on a rescan: skipped.
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -75,6 +83,13 @@ class WalkBatch:
     files: list[FoundFile] = field(default_factory=list)
     issues: list[Issue] = field(default_factory=list)
     start_index: int = 0  # position of files[0] among all images of this walk, in walk order
+    # Position of each file when they are not contiguous (directories skipped in between); else None.
+    positions: list[int] | None = None
+    # Images of directories found unchanged (same fingerprint): (first position, count), not written.
+    skipped: list[tuple[int, int]] = field(default_factory=list)
+    # (directory, digest) of directories whose last image is in this batch.
+    fingerprints: list[tuple[str, str]] = field(default_factory=list)
+    end_index: int | None = None  # position after the batch's last image; None: start_index + len(files)
     directories_scanned: int = 0
     files_seen: int = 0
     images_found: int = 0
@@ -112,6 +127,13 @@ async def load_plan(ctx: RunContext) -> Plan:
                 {"id": ctx.claim.session_id},
             )
         ).all()
+        fingerprints = {
+            str(r.path): str(r.digest)
+            for r in await conn.execute(
+                text("SELECT path, digest FROM directory_fingerprints WHERE session_id = :id"),
+                {"id": ctx.claim.session_id},
+            )
+        }
     config = dict(config or {})
     try:
         extensions = normalize_extensions(config.get("extensions") or ())
@@ -123,7 +145,22 @@ async def load_plan(ctx: RunContext) -> Plan:
         extensions=extensions,
         recursive=bool(config.get("recursive", True)),
         batch_size=max(1, batch_size),
+        fingerprints=fingerprints,
     )
+
+
+def fingerprint(extensions: tuple[str, ...], files: list[FoundFile]) -> str:
+    """Digest of one directory's images as the walk found them: names (in walk order), sizes, mtimes.
+
+    Any file added, removed, renamed, resized or rewritten (a new mtime) changes it, and so does the
+    session's extension filter. A file restored with its old size and mtime does not: the same limit
+    as comparing (size, mtime) per file, which discovery does anyway.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(",".join(extensions).encode())
+    for f in files:
+        h.update(f"\n{os.path.basename(f.path)}\0{f.size}\0{f.mtime_ns}".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def _walk_thread(
@@ -167,37 +204,91 @@ def _walk_thread(
     )
     # Walk.top indexes the walked list; map it back to the subdirectory row.
     walked_ids = [sid for (sid, _p), t in zip(plan.subdirectories, tops, strict=True) if t]
-    index = 0
-    batch = WalkBatch(issues=list(pre_issues))
+    index = 0  # position of the next image in walk order
+    batch = WalkBatch(issues=list(pre_issues), positions=[])
     last_flush = time.monotonic()
 
     def cut(done: bool) -> WalkBatch:
         c = walk.counters
-        batch.start_index = index
+        batch.start_index = batch.positions[0] if batch.positions else index
+        batch.end_index = index
         batch.directories_scanned = c.directories_scanned
         batch.files_seen = c.files_seen
-        batch.images_found = c.images_found
+        # Images handed over so far (a directory being fingerprinted is held back until complete).
+        batch.images_found = c.images_found if done else min(index, c.images_found)
         batch.unreadable = c.issues + len(pre_issues)
         batch.current_directory = "" if done else c.current_directory
         batch.done = done
         return batch
 
+    def images(b: WalkBatch) -> int:
+        return len(b.files) + sum(n for _start, n in b.skipped)
+
+    def maybe_send() -> bool:
+        """Cut and hand over the batch when full or due; False when the run is stopping."""
+        nonlocal batch, last_flush
+        full = images(batch) >= plan.batch_size or len(batch.issues) >= plan.batch_size
+        if full or time.monotonic() - last_flush >= FLUSH_SECONDS:
+            if not put(cut(False)):
+                return False
+            batch = WalkBatch(positions=[])
+            last_flush = time.monotonic()
+        return True
+
+    # A directory's images come from the walk one after another; they are held until the directory
+    # is complete, then either skipped (same fingerprint as this session recorded) or added.
+    held: list[FoundFile] = []
+    held_dir: str | None = None
+    overflowed = False  # more than MAX_HELD images: added as they come, no fingerprint
+
+    def release() -> bool:
+        nonlocal index, held, held_dir, overflowed
+        if held_dir is None:
+            return True
+        digest = None if overflowed else fingerprint(plan.extensions, held)
+        if digest is not None and plan.fingerprints.get(held_dir) == digest:
+            batch.skipped.append((index, len(held)))
+            index += len(held)
+        else:
+            for f in held:
+                batch.files.append(f)
+                assert batch.positions is not None
+                batch.positions.append(index)
+                index += 1
+                if f is not held[-1] and not maybe_send():
+                    return False
+            if digest is not None:
+                batch.fingerprints.append((held_dir, digest))
+        held, held_dir, overflowed = [], None, False
+        return maybe_send()
+
     try:
         for item in walk:
             if isinstance(item, FoundFile):
                 item.top = walked_ids[item.top]  # from here on: the subdirectory id
-                batch.files.append(item)
+                directory = os.path.dirname(item.path)
+                if directory != held_dir:
+                    if not release():
+                        return
+                    held_dir = directory
+                held.append(item)
+                if len(held) > MAX_HELD:
+                    overflowed = True
+                    for f in held:
+                        batch.files.append(f)
+                        assert batch.positions is not None
+                        batch.positions.append(index)
+                        index += 1
+                    held = []
+                    if not maybe_send():
+                        return
             else:
                 batch.issues.append(item)
-            full = len(batch.files) >= plan.batch_size or len(batch.issues) >= plan.batch_size
-            if full or time.monotonic() - last_flush >= FLUSH_SECONDS:
-                sent = cut(False)
-                if not put(sent):
+                if not maybe_send():
                     return
-                index += len(sent.files)
-                batch = WalkBatch()
-                last_flush = time.monotonic()
         if walk.stopped or stopping():
+            return
+        if not release():
             return
         put(cut(True))
     except BaseException as exc:  # reported to the loop, which fails the runner with it
@@ -281,6 +372,14 @@ _RESET_JOBS = text(
            failed_images = failed_images - (SELECT count(*) FROM reset WHERE old_state = 'failed'),
            skipped_images = skipped_images - (SELECT count(*) FROM reset WHERE old_state = 'skipped')
      WHERE id = :id
+    """
+)
+
+_SAVE_FINGERPRINTS = text(
+    """
+    INSERT INTO directory_fingerprints (session_id, path, digest)
+    SELECT :id, t.path, t.digest FROM unnest(CAST(:paths AS text[]), CAST(:digests AS text[])) AS t(path, digest)
+    ON CONFLICT (session_id, path) DO UPDATE SET digest = EXCLUDED.digest
     """
 )
 
@@ -420,12 +519,25 @@ async def write_batch(
                     "reasons": [i.reason[:1000] for i in batch.issues],
                 },
             )
+        if batch.fingerprints:
+            await conn.execute(
+                _SAVE_FINGERPRINTS,
+                {
+                    "id": sid,
+                    "paths": [p for p, _d in batch.fingerprints],
+                    "digests": [d for _p, d in batch.fingerprints],
+                },
+            )
         # Images before position `counted_from` were counted by a pass that crashed or was paused.
         kinds = {"new": 0, "changed": 0, "unchanged": 0}
-        for position, f in enumerate(batch.files, start=batch.start_index):
+        positions = batch.positions or range(batch.start_index, batch.start_index + len(batch.files))
+        for position, f in zip(positions, batch.files, strict=True):
             if position >= counted_from:
                 kinds[assets[f.path].kind] += 1
-        covered = max(counted_from, batch.start_index + len(batch.files))
+        for first, count in batch.skipped:  # unchanged directories: every image unchanged
+            kinds["unchanged"] += max(0, first + count - max(first, counted_from))
+        end = batch.end_index if batch.end_index is not None else batch.start_index + len(batch.files)
+        covered = max(counted_from, end)
         committed = await conn.execute(
             _ADVANCE,
             {

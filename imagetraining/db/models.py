@@ -222,6 +222,21 @@ class DiscoveryIssue(Base):
     create_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
 
+class DirectoryFingerprint(Base):
+    """What one session last recorded of one directory: a digest of its images' (name, size, mtime).
+
+    Written in the transaction that records the directory's last image, so a stored fingerprint means
+    every image of that directory has its asset and its job in the session. A rescan that finds the
+    same digest skips the directory's per-file database work (discovery_worker/discovery.py).
+    """
+
+    __tablename__ = "directory_fingerprints"
+
+    session_id: Mapped[int] = mapped_column(ForeignKey("training_sessions.id", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+
+
 class IdempotencyKey(Base):
     """The first answer to a request_id, returned again on a retry."""
 

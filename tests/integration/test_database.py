@@ -20,7 +20,7 @@ async def test_migrated_database_matches_models(database: Database) -> None:
         diff = await conn.run_sync(_diff)
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
     assert diff == []
-    assert version == "0002"
+    assert version == "0003"
 
 
 async def test_reads_run_each_statement_on_its_own(database: Database) -> None:

@@ -255,3 +255,55 @@ async def test_worker_plans_every_batch_statement_afresh(worker: WorkerHandle) -
     """The worker's connections never reuse a generic plan made while the tables were small (engine.py)."""
     async with worker.db.engine.connect() as conn:
         assert (await conn.execute(text("SHOW plan_cache_mode"))).scalar_one() == "force_custom_plan"
+
+
+async def test_rescan_skips_directories_whose_fingerprint_is_unchanged(
+    clean_db: Database, worker: WorkerHandle, library: Path
+) -> None:
+    """A directory found as this session recorded it costs no per-file database work on a rescan.
+
+    Observed through a row only the per-file path looks at: an asset whose hash is marked stale
+    without its file changing is retrained only once the directory's fingerprint no longer matches.
+    """
+    for d in ("a", "b", "c"):
+        for i in range(4):
+            write_jpeg(library / "fp" / d / f"img{i}.jpg", 40, 30, seed=ord(d) * 10 + i)
+    sid = await ws.start_session(clean_db, library, [library / "fp"], name="fp")
+
+    async def completed() -> dict[str, object] | None:
+        row = await ws.session(clean_db, sid)
+        return row if row["state"] == "completed" else None
+
+    await wait_for(completed, timeout=60, what="first run")
+    directories = {str(library / "fp" / d) for d in ("a", "b", "c")}
+    stored = await ws.scalar(
+        clean_db, "SELECT array_agg(path ORDER BY path) FROM directory_fingerprints WHERE session_id = :id", id=sid
+    )
+    assert set(stored) == directories
+    marked = str(library / "fp" / "a" / "img0.jpg")
+    async with clean_db.engine.begin() as conn:
+        await conn.execute(text("UPDATE image_assets SET hashed_size_bytes = 1 WHERE path = :p"), {"p": marked})
+
+    assert await ws.restart_all(clean_db, sid)
+    row = await wait_for(completed, timeout=60, what="a rescan of unchanged directories")
+    assert (row["assets_unchanged"], row["assets_new"], row["assets_changed"]) == (12, 0, 0)
+    attempts = {j["path"]: j["attempts"] for j in await ws.jobs(clean_db, sid)}
+    assert set(attempts.values()) == {1}  # directory a was skipped: its stale row was not looked at
+
+    async with clean_db.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE directory_fingerprints SET digest = 'x' WHERE session_id = :id AND path = :p"),
+            {"id": sid, "p": str(library / "fp" / "a")},
+        )
+    assert await ws.restart_all(clean_db, sid)
+    row = await wait_for(completed, timeout=60, what="a rescan of directory a")
+    assert (row["assets_unchanged"], row["assets_new"], row["assets_changed"]) == (12, 0, 0)
+    attempts = {j["path"]: j["attempts"] for j in await ws.jobs(clean_db, sid)}
+    assert attempts.pop(marked) == 2 and set(attempts.values()) == {1}
+    digest = await ws.scalar(
+        clean_db,
+        "SELECT digest FROM directory_fingerprints WHERE session_id = :id AND path = :p",
+        id=sid,
+        p=str(library / "fp" / "a"),
+    )
+    assert digest != "x"

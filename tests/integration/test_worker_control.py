@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from discovery_worker import discovery
 from discovery_worker.worker import WorkerHandle, run_worker
 from imagetraining.db.engine import Database
 from imagetraining.settings import Settings
@@ -307,3 +308,28 @@ async def test_rescan_skips_directories_whose_fingerprint_is_unchanged(
         p=str(library / "fp" / "a"),
     )
     assert digest != "x"
+
+
+async def test_a_directory_too_large_to_hold_is_recorded_without_a_fingerprint(
+    clean_db: Database, worker: WorkerHandle, library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_HELD images a directory streams as it comes (bounded memory) and is never skipped."""
+    monkeypatch.setattr(discovery, "MAX_HELD", 5)
+    for i in range(12):
+        write_jpeg(library / "big" / f"img{i:02d}.jpg", 24, 16, seed=700 + i)
+    write_jpeg(library / "big" / "small" / "one.jpg", 24, 16, seed=799)
+    sid = await ws.start_session(clean_db, library, [library / "big"], name="big")
+
+    async def completed() -> dict[str, object] | None:
+        row = await ws.session(clean_db, sid)
+        return row if row["state"] == "completed" else None
+
+    row = await wait_for(completed, timeout=60, what="first run")
+    assert (row["images_found"], row["assets_new"], row["total_images"], row["processed_images"]) == (13, 13, 13, 13)
+    stored = await ws.scalar(
+        clean_db, "SELECT array_agg(path) FROM directory_fingerprints WHERE session_id = :id", id=sid
+    )
+    assert stored == [str(library / "big" / "small")]
+    assert await ws.restart_all(clean_db, sid)
+    row = await wait_for(completed, timeout=60, what="the rescan")
+    assert (row["images_found"], row["assets_unchanged"], row["assets_new"], row["total_images"]) == (13, 13, 0, 13)

@@ -326,13 +326,6 @@ class TrainingPool:
             out.append((job_id, result))
         return out
 
-    def _submit(self, gen: _Generation, path: str) -> asyncio.Future[ImageResult]:
-        future = gen.executor.submit(_work, path)  # raises BrokenProcessPool if gen is already broken
-        gen.submitted += 1
-        gen.live.add(future)
-        future.add_done_callback(gen.live.discard)
-        return asyncio.wrap_future(future)
-
     def _group_size(self) -> int:
         return max(1, min(MAX_GROUP, int(GROUP_SECONDS / max(self.item_seconds, 1e-4))))
 
@@ -361,26 +354,10 @@ class TrainingPool:
             raise _Crashed
         if isinstance(exc, TrainerLoadError):
             raise exc
+        # Not an image failure (process_image never raises): e.g. a result that cannot be pickled.
         log.error("training pool: a group of %d images failed outside process_image: %r", len(paths), exc)
         failed = ImageResult(ok=False, error_class="internal", error_message=f"{type(exc).__name__}: {exc}"[:500])
         return [failed for _p in paths]
-
-    def _outcome(self, future: asyncio.Future[ImageResult], path: str) -> ImageResult:
-        """The result of a finished item; raises _Crashed / _Retry for the pool's own failures."""
-        if future.cancelled():
-            if self._closed:
-                raise PoolClosedError("the training pool was closed while processing")
-            raise _Retry
-        exc = future.exception()
-        if exc is None:
-            return future.result()
-        if isinstance(exc, BrokenProcessPool):
-            raise _Crashed
-        if isinstance(exc, TrainerLoadError):
-            raise exc
-        # Not an image failure (process_image never raises): e.g. a result that cannot be pickled.
-        log.error("training pool: %s failed outside process_image: %r", path, exc)
-        return ImageResult(ok=False, error_class="internal", error_message=f"{type(exc).__name__}: {exc}"[:500])
 
     async def _run_parallel(self, items: Sequence[tuple[int, str]], results: list[ImageResult | None]) -> list[int]:
         """Run every item with a bounded window of groups in flight; return the indices caught in a crash.
@@ -469,7 +446,7 @@ class TrainingPool:
             alone = not gen.live
             submitted_before = gen.submitted
             try:
-                future = self._submit(gen, path)
+                future = self._submit_group(gen, [path])  # a group of one
             except BrokenProcessPool:
                 await self._replace(gen)
                 continue
@@ -483,7 +460,7 @@ class TrainingPool:
             finally:
                 future.cancel()  # no-op when done; cancels the queued item if we were cancelled
             try:
-                return self._outcome(future, path)
+                return self._group_outcome(future, [path])[0]
             except _Retry:
                 continue
             except _Crashed:

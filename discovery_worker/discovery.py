@@ -241,6 +241,19 @@ def _walk_thread(
     held_dir: str | None = None
     overflowed = False  # more than MAX_HELD images: added as they come, no fingerprint
 
+    def add(files: list[FoundFile]) -> bool:
+        """Append images to the batch, handing it over whenever it fills; never after the last one
+        (the caller may still attach that directory's fingerprint to its batch)."""
+        nonlocal index
+        for f in files:
+            if not maybe_send():
+                return False
+            batch.files.append(f)
+            assert batch.positions is not None
+            batch.positions.append(index)
+            index += 1
+        return True
+
     def release() -> bool:
         nonlocal index, held, held_dir, overflowed
         if held_dir is None:
@@ -250,13 +263,8 @@ def _walk_thread(
             batch.skipped.append((index, len(held)))
             index += len(held)
         else:
-            for f in held:
-                batch.files.append(f)
-                assert batch.positions is not None
-                batch.positions.append(index)
-                index += 1
-                if f is not held[-1] and not maybe_send():
-                    return False
+            if not add(held):
+                return False
             if digest is not None:
                 batch.fingerprints.append((held_dir, digest))
         held, held_dir, overflowed = [], None, False
@@ -274,11 +282,8 @@ def _walk_thread(
                 held.append(item)
                 if len(held) > MAX_HELD:
                     overflowed = True
-                    for f in held:
-                        batch.files.append(f)
-                        assert batch.positions is not None
-                        batch.positions.append(index)
-                        index += 1
+                    if not add(held):
+                        return
                     held = []
                     if not maybe_send():
                         return

@@ -120,15 +120,6 @@ class StreamWriter:
             dog.expired.discard(task)
 
 
-async def write_or_evict(context: grpc.aio.ServicerContext, message: Any, timeout: float, last_sequence: int) -> None:
-    """Write one message; a client that has not drained it within `timeout` is ended (ResourceExhausted).
-
-    `last_sequence`: the last sequence the client was given, which it reconnects with. For many
-    messages on one call, make one `StreamWriter` instead.
-    """
-    await StreamWriter(context, timeout).write(message, last_sequence)
-
-
 class WireCache:
     """Serializes `wrap(event)` once per event for every subscriber that writes it.
 

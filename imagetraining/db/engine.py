@@ -96,23 +96,20 @@ class Database:
         statement costs well under a millisecond; the control service's small queries keep the cache.
         """
         connect_args = {"server_settings": {"plan_cache_mode": "force_custom_plan"}} if custom_plans else {}
-        engine = create_async_engine(
-            to_asyncpg_url(url),
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-            pool_pre_ping=True,
-            pool_recycle=1800,
-            connect_args=connect_args,
-        )
-        reads = create_async_engine(
-            to_asyncpg_url(url),
-            isolation_level="AUTOCOMMIT",
-            pool_size=max(2, pool_size // 2),
-            max_overflow=max_overflow,
-            pool_pre_ping=True,
-            pool_recycle=1800,
-            connect_args=connect_args,
-        )
+
+        def make(size: int, **options: Any) -> AsyncEngine:
+            return create_async_engine(
+                to_asyncpg_url(url),
+                pool_size=size,
+                max_overflow=max_overflow,
+                pool_pre_ping=True,
+                pool_recycle=1800,
+                connect_args=connect_args,
+                **options,
+            )
+
+        engine = make(pool_size)
+        reads = make(max(2, pool_size // 2), isolation_level="AUTOCOMMIT")
         return cls(
             url=to_libpq_url(url),
             engine=engine,

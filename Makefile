@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 PYTEST_ARGS ?=
 
-.PHONY: run test venv lint typecheck protos check-protos test-embedded test-external tools migration clean bench bench-quick
+.PHONY: run test venv lint typecheck protos check-protos test-embedded test-external tools migration clean bench bench-quick chaos chaos-quick
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,7 @@ test: venv tools lint typecheck test-embedded test-external
 tools:
 	@command -v docker-compose >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing docker-compose with apt-get (used only to validate compose.yaml in one test)"; \
 	    (apt-get install -y -qq docker-compose >/dev/null 2>&1 || \
 	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq docker-compose >/dev/null 2>&1)) || \
 	    echo "note: could not install docker-compose; the compose test will be skipped"; \
@@ -60,6 +61,15 @@ bench: venv
 ## make bench-quick: the same cases at smaller sizes, under 2 minutes (a smoke run: figures printed, never asserted).
 bench-quick: venv
 	$(PY) -m benchmarks --quick $(BENCH_ARGS)
+
+## make chaos: faults injected at random (kill -9, SIGSTOP, PostgreSQL and control restarts, the library
+## renamed away) into a real cluster training 10,000 images, 3 rounds, every result checked (tests/chaos.py).
+chaos: venv
+	GRPC_VERBOSITY=ERROR $(PY) -m tests.chaos $(CHAOS_ARGS)
+
+## make chaos-quick: one round (a few minutes; CI runs it).
+chaos-quick: venv
+	GRPC_VERBOSITY=ERROR $(PY) -m tests.chaos --quick $(CHAOS_ARGS)
 
 ## make protos: regenerate imagetraining/v1 from protos/ (commit the result).
 protos: venv

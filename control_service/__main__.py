@@ -1,29 +1,32 @@
-"""`python -m control_service`: validate settings, migrate, serve until SIGTERM / SIGINT.
+"""`python -m control_service`: validate settings, wait for the database, migrate, serve until SIGTERM / SIGINT.
 
-A bad setting ends the process at once with one line naming the variable (exit status 2), so an
-operator sees the mistake instead of a stack trace minutes later.
+A bad setting or an unusable resource (database not up within IMAGETRAINING_DATABASE_WAIT_SECONDS,
+port taken) ends the process with one line naming the variable (exit status 2), so an operator sees
+the mistake instead of a stack trace (imagetraining.startup).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 from control_service.server import serve, tune_gc
-from imagetraining.db.engine import Database, resolve_url
-from imagetraining.db.migrate import upgrade
-from imagetraining.rpc import install_signal_handlers
-from imagetraining.settings import Settings, SettingsError, configure_logging
+from imagetraining import startup
+from imagetraining.db.engine import Database
+from imagetraining.rpc import ListenError, install_signal_handlers
+from imagetraining.settings import Settings
 
 log = logging.getLogger("control_service")
 
 
 async def run(settings: Settings) -> None:
-    db = Database.connect(await resolve_url(settings))
+    db = Database.connect(await startup.reach_database(settings, log))
     try:
-        await upgrade(db.engine)
-        server = await serve(settings, database=db)
+        await startup.migrate(db, settings)
+        try:
+            server = await serve(settings, database=db)
+        except ListenError as exc:
+            raise startup.StartupError("IMAGETRAINING_CONTROL_ADDRESS", str(exc)) from None
         install_signal_handlers(server.handle)
         host = settings.control_address.rpartition(":")[0]
         log.info("control service listening on %s:%d", host, server.port)
@@ -34,15 +37,7 @@ async def run(settings: Settings) -> None:
 
 
 def main() -> int:
-    try:
-        settings = Settings.from_env()
-    except SettingsError as err:
-        print(f"imagetraining: {err}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    tune_gc()
-    asyncio.run(run(settings))
-    return 0
+    return startup.run_service(run, prepare=tune_gc)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf import message_factory
 
 from control_service.relay import Relay, Snapshot, SnapshotLoader
-from control_service.servicer import Encoder, TrainingSessionServicer, Watcher, watch_response
+from control_service.servicer import Admission, Encoder, EventSource, TrainingSessionServicer, watch_response
 from control_service.sessions import Sessions
 from imagetraining.db.engine import Database, resolve_url
 from imagetraining.notifications import listen_forever
@@ -75,7 +75,7 @@ async def serve(
     *,
     address: str | None = None,
     database: Database | None = None,
-    watcher: Watcher | None = None,
+    watcher: EventSource | None = None,
 ) -> ControlServer:
     """Start the control service on `address` (default `settings.control_address`).
 
@@ -86,6 +86,7 @@ async def serve(
     sessions = Sessions(db, settings)
     relay: Relay | None = None
     encode: Encoder = watch_response
+    admit: Admission | None = None
     if watcher is None:
         relay = Relay(
             db,
@@ -100,7 +101,10 @@ async def serve(
         watcher = relay.watch
         # The relay never changes an event once published: serialize it once for all its subscribers.
         encode = WireCache(watch_response)
-    servicer = TrainingSessionServicer(sessions, watcher, write_timeout=settings.subscriber_idle_seconds, encode=encode)
+        admit = relay.budget.check
+    servicer = TrainingSessionServicer(
+        sessions, watcher, write_timeout=settings.subscriber_idle_seconds, encode=encode, admit=admit
+    )
 
     def add(server: grpc.aio.Server) -> None:
         add_servicer(servicer, server)

@@ -8,10 +8,13 @@ turns into status codes. Keeping this layer thin keeps every RPC's behaviour tes
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from control_service.sessions import Sessions, job_state_filter, session_state_filter, validate_config
+from control_service.pages import job_state_filter, session_state_filter
+from control_service.refusals import request_deadline
+from control_service.sessions import Sessions, validate_config
 from imagetraining import convert
 from imagetraining.errors import Unimplemented
 from imagetraining.names import parse_session_name
@@ -21,9 +24,11 @@ from imagetraining.v1 import training_session_service_pb2 as api
 from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
 
 # WatchSession's seam: (session id, after_sequence) -> the events to send. The relay plugs in here.
-Watcher = Callable[[int, int], AsyncGenerator[pb.SessionEvent, None]]
+EventSource = Callable[[int, int], AsyncGenerator[pb.SessionEvent, None]]
 # The WatchSessionResponse to write for an event: the message, or its serialized bytes (see server.py).
 Encoder = Callable[[pb.SessionEvent], "api.WatchSessionResponse | bytes"]
+# Raises ResourceExhausted when no subscriber can be taken now (the relay's cap), before any other work.
+Admission = Callable[[], None]
 
 
 def watch_response(event: pb.SessionEvent) -> api.WatchSessionResponse:
@@ -32,7 +37,14 @@ def watch_response(event: pb.SessionEvent) -> api.WatchSessionResponse:
 
 def _config(config: pb.SessionConfig) -> dict[str, Any]:
     recursive = config.recursive if config.HasField("recursive") else None
-    return validate_config(list(config.extensions), recursive, config.batch_size)
+    distance = config.near_duplicate_distance if config.HasField("near_duplicate_distance") else None
+    return validate_config(
+        list(config.extensions),
+        recursive,
+        config.batch_size,
+        near_duplicate_distance=distance,
+        skip_near_duplicates=config.skip_near_duplicates,
+    )
 
 
 def _time_remaining(context: Any) -> float | None:
@@ -40,22 +52,31 @@ def _time_remaining(context: Any) -> float | None:
     return None if remaining is None else float(remaining)
 
 
+def _bounded(context: Any) -> None:
+    """Let the write this request makes wait for locks only as long as its deadline allows."""
+    remaining = _time_remaining(context)
+    request_deadline.set(None if remaining is None else time.monotonic() + remaining)
+
+
 class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
     def __init__(
         self,
         sessions: Sessions,
-        watcher: Watcher | None = None,
+        watcher: EventSource | None = None,
         *,
         write_timeout: float = 30.0,
         encode: Encoder = watch_response,
+        admit: Admission | None = None,
     ) -> None:
         self.sessions = sessions
         self.watcher = watcher
         self.write_timeout = write_timeout
         # The relay's events are shared by every subscriber: server.py serializes each one once.
         self.encode = encode
+        self.admit = admit
 
     async def CreateSession(self, request: api.CreateSessionRequest, context: Any) -> api.CreateSessionResponse:
+        _bounded(context)
         session = await self.sessions.create(
             display_name=request.display_name,
             root_path=request.root_path,
@@ -75,12 +96,14 @@ class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
         return api.ListSessionsResponse(sessions=sessions, next_page_token=token)
 
     async def UpdateSession(self, request: api.UpdateSessionRequest, context: Any) -> api.UpdateSessionResponse:
+        _bounded(context)
         session_id = parse_session_name(request.name)
         display_name = request.display_name if request.HasField("display_name") else None
         config = _config(request.config) if request.HasField("config") else None
         return api.UpdateSessionResponse(session=await self.sessions.update(session_id, display_name, config))
 
     async def DeleteSession(self, request: api.DeleteSessionRequest, context: Any) -> api.DeleteSessionResponse:
+        _bounded(context)
         await self.sessions.delete(parse_session_name(request.name))
         return api.DeleteSessionResponse()
 
@@ -97,11 +120,13 @@ class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
             direct_image_count=result.direct_image_count,
             truncated=result.truncated,
             extensions=list(result.extensions),
+            unusable_subdirectories=result.unusable,
         )
 
     async def UpdateSubdirectories(
         self, request: api.UpdateSubdirectoriesRequest, context: Any
     ) -> api.UpdateSubdirectoriesResponse:
+        _bounded(context)
         session_id = parse_session_name(request.name)
         selections = [(s.path, s.selected) for s in request.selections]
         return api.UpdateSubdirectoriesResponse(
@@ -127,19 +152,24 @@ class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
         )
 
     async def StartSession(self, request: api.StartSessionRequest, context: Any) -> api.StartSessionResponse:
+        _bounded(context)
         session_id = parse_session_name(request.name)
         return api.StartSessionResponse(session=await self.sessions.start(session_id, request.request_id))
 
     async def PauseSession(self, request: api.PauseSessionRequest, context: Any) -> api.PauseSessionResponse:
+        _bounded(context)
         return api.PauseSessionResponse(session=await self.sessions.pause(parse_session_name(request.name)))
 
     async def ResumeSession(self, request: api.ResumeSessionRequest, context: Any) -> api.ResumeSessionResponse:
+        _bounded(context)
         return api.ResumeSessionResponse(session=await self.sessions.resume(parse_session_name(request.name)))
 
     async def CancelSession(self, request: api.CancelSessionRequest, context: Any) -> api.CancelSessionResponse:
+        _bounded(context)
         return api.CancelSessionResponse(session=await self.sessions.cancel(parse_session_name(request.name)))
 
     async def RestartSession(self, request: api.RestartSessionRequest, context: Any) -> api.RestartSessionResponse:
+        _bounded(context)
         session_id = parse_session_name(request.name)
         failed_only = request.scope == api.RESTART_SCOPE_FAILED_ONLY
         session = await self.sessions.restart(session_id, failed_only, request.request_id)
@@ -170,6 +200,10 @@ class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
         session_id = parse_session_name(request.name)
         if self.watcher is None:
             raise Unimplemented("WatchSession is not available on this server yet; poll GetSessionProgress instead")
+        if self.admit is not None:
+            # Over the cap: RESOURCE_EXHAUSTED at once, without a database read. In a burst of stream
+            # starts the calls behind this one wait in grpc core until this process accepts them.
+            self.admit()
         await self.sessions.get(session_id)  # NOT_FOUND before the stream starts
         await start_stream(context)
         last = request.after_sequence

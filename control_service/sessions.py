@@ -23,11 +23,8 @@ Rules kept here (see docs/architecture.md):
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -38,23 +35,32 @@ from sqlalchemy import RowMapping, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from control_service.counting import Counting, ScanOutcome, Validation
+from control_service.pages import decode_token, encode_token, page_size_of
+from control_service.refusals import (
+    concurrent_change,
+    lock_wait_seconds,
+    no_selection,
+    session_busy,
+    wrong_state,
+)
 from imagetraining import convert, walk
+from imagetraining.db import faults
 from imagetraining.db.engine import Database
-from imagetraining.db.models import ACTIVE_STATES, JobState, SessionState
+from imagetraining.duplicates import NEAR_DUPLICATE_DISTANCE_DEFAULT, NEAR_DUPLICATE_DISTANCE_MAX
 from imagetraining.errors import (
-    Aborted,
-    DomainError,
-    FailedPrecondition,
+    ApiError,
     InvalidArgument,
     NotFound,
     PreconditionViolation,
     ResourceExhausted,
 )
-from imagetraining.formats import describe, normalize_extensions
+from imagetraining.formats import DEFAULT_EXTENSIONS, describe, normalize_extensions
 from imagetraining.names import session_name
 from imagetraining.notifications import notify
-from imagetraining.paths import is_within, resolve_directory
+from imagetraining.paths import resolve_directory
 from imagetraining.settings import Settings
+from imagetraining.states import ACTIVE_STATES, JobState, SessionState
 from imagetraining.v1 import resources_pb2 as pb
 
 MAX_DISPLAY_NAME = 200
@@ -65,8 +71,6 @@ MAX_SUBDIRECTORIES_PER_SESSION = 10_000
 SESSIONS_PAGE_DEFAULT, SESSIONS_PAGE_MAX = 50, 500
 JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX = 100, 1000
 BATCH_SIZE_MIN, BATCH_SIZE_MAX = 100, 10_000
-# Counting stops this long before the caller's deadline so that the answer still reaches it.
-DEADLINE_MARGIN_SECONDS = 0.5
 
 S = SessionState
 STARTABLE = (S.PENDING, S.FAILED)
@@ -86,6 +90,7 @@ _RESET_DISCOVERY = """
     assets_new = 0, assets_changed = 0, assets_unchanged = 0, unreadable_paths = 0,
     current_directory = '', discovery_checkpoint = NULL,
     discovery_started_at = NULL, discovery_finished_at = NULL"""
+_SET_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :ms, true)")
 _HAS_SELECTION = "EXISTS (SELECT 1 FROM session_subdirectories WHERE session_id = :id AND selected)"
 
 _SUBDIRECTORIES = text(
@@ -96,98 +101,20 @@ _SUBDIRECTORIES = text(
      ORDER BY path
     """
 )
-_JOB_LEFTOVERS_TO_PENDING = text(
-    """
-    UPDATE training_jobs SET state = 'pending', update_time = now()
-     WHERE session_id = :id AND state = 'running'
-    """
-)
-
-
-# --------------------------------------------------------------------------------------------------
-# Messages that say what to do.
-
-
-def _advice(call: str, state: SessionState) -> str:
-    """The call to use instead of `call` in `state`."""
-    started = state in ACTIVE_STATES
-    if call == "StartSession":
-        if state is S.PAUSED:
-            return "use ResumeSession to continue it"
-        if started:
-            return (
-                "it is already started; follow it with GetSessionProgress, stop it with PauseSession or CancelSession"
-            )
-        return "use RestartSession to run it again"
-    if call == "PauseSession":
-        if state is S.PENDING:
-            return "it has not started; StartSession starts it"
-        if state is S.PAUSED:
-            return "it is already paused; ResumeSession continues it"
-        return "it has ended; RestartSession runs it again"
-    if call == "ResumeSession":
-        if state is S.PENDING:
-            return "it has not started; use StartSession"
-        if started:
-            return "it is not paused; PauseSession pauses it"
-        return "it has ended; use RestartSession to run it again"
-    if call == "CancelSession":
-        return "it has already ended; RestartSession runs it again, DeleteSession removes it"
-    if call == "RestartSession":
-        if state is S.PENDING:
-            return "it has not started; use StartSession"
-        if state is S.PAUSED:
-            return "it is paused; use ResumeSession to continue it (or CancelSession, then RestartSession)"
-        return "it is still running; CancelSession (or PauseSession) it first"
-    if call == "DeleteSession":
-        return "cancel it with CancelSession or pause it with PauseSession first"
-    # UpdateSession (config) and UpdateSubdirectories.
-    return "changes are allowed while PENDING, PAUSED or ended; pause it with PauseSession first"
-
-
-def wrong_state(call: str, session_id: int, state: str) -> FailedPrecondition:
-    """FAILED_PRECONDITION (type STATE) naming the current state and the call to use instead."""
-    current = SessionState(state)
-    name = session_name(session_id)
-    message = f"{call}: session {session_id} is {convert.state_label(current)}; {_advice(call, current)}"
-    return FailedPrecondition(
-        message,
-        [PreconditionViolation("STATE", name, message)],
-        metadata={"state": pb.SessionState.Name(convert.SESSION_STATE_TO_PROTO[current])},
-    )
-
-
-def no_selection(session_id: int) -> FailedPrecondition:
-    message = f"No subdirectories selected for session {session_id}: select at least one with UpdateSubdirectories"
-    return FailedPrecondition(message, [PreconditionViolation("SELECTION", session_name(session_id), message)])
-
-
-def concurrent_change(session_id: int | None, call: str) -> Aborted:
-    subject = "the session" if session_id is None else f"session {session_id}"
-    return Aborted(
-        f"{call}: {subject} was changed by a concurrent call; retry after GetSession",
-        metadata={} if session_id is None else {"session": session_name(session_id)},
-    )
-
-
-def _sqlstate(exc: DBAPIError) -> str | None:
-    orig: Any = exc.orig
-    code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-    return str(code) if code else None
-
-
-# lock_not_available (NOWAIT), deadlock_detected, serialization_failure: a concurrent writer won.
-_LOST_RACE = frozenset({"55P03", "40P01", "40001"})
-
-
 # --------------------------------------------------------------------------------------------------
 # Input validation (no I/O).
 
 
 def validate_config(
-    extensions: Sequence[str], recursive: bool | None, batch_size: int, field: str = "config"
+    extensions: Sequence[str],
+    recursive: bool | None,
+    batch_size: int,
+    field: str = "config",
+    near_duplicate_distance: int | None = None,
+    skip_near_duplicates: bool = False,
 ) -> dict[str, Any]:
-    """A SessionConfig as stored: {"extensions": [...], "recursive": bool, "batch_size": int}."""
+    """A SessionConfig as stored: {"extensions": [...], "recursive": bool, "batch_size": int,
+    "near_duplicate_distance": int}."""
     try:
         exts = normalize_extensions(extensions)
     except ValueError as err:
@@ -196,7 +123,18 @@ def validate_config(
         raise InvalidArgument.field(
             f"{field}.batch_size", f"{batch_size} is not 0 (the default) or {BATCH_SIZE_MIN}..{BATCH_SIZE_MAX}"
         )
-    return {"extensions": list(exts), "recursive": True if recursive is None else recursive, "batch_size": batch_size}
+    distance = NEAR_DUPLICATE_DISTANCE_DEFAULT if near_duplicate_distance is None else near_duplicate_distance
+    if not 0 <= distance <= NEAR_DUPLICATE_DISTANCE_MAX:
+        raise InvalidArgument.field(
+            f"{field}.near_duplicate_distance", f"{distance} is not in 0..{NEAR_DUPLICATE_DISTANCE_MAX} (bits of dHash)"
+        )
+    return {
+        "extensions": list(exts),
+        "recursive": True if recursive is None else recursive,
+        "batch_size": batch_size,
+        "near_duplicate_distance": distance,
+        "skip_near_duplicates": skip_near_duplicates,
+    }
 
 
 def _check_display_name(display_name: str) -> None:
@@ -209,76 +147,8 @@ def _check_request_id(request_id: str) -> None:
         raise InvalidArgument.field("request_id", f"is longer than {MAX_REQUEST_ID} characters; use a UUID")
 
 
-def _page_size(page_size: int, default: int, maximum: int) -> int:
-    if page_size < 0:
-        raise InvalidArgument.field("page_size", "must not be negative")
-    return min(page_size or default, maximum)
-
-
-def _encode_token(after_id: int, scope: str) -> str:
-    raw = json.dumps({"after": after_id, "scope": scope}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_token(token: str, scope: str) -> int | None:
-    """The id a page starts after; InvalidArgument unless this server issued it for `scope`."""
-    if not token:
-        return None
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after = data["after"]
-        issued_for = data["scope"]
-    except (ValueError, binascii.Error, KeyError, TypeError):
-        raise InvalidArgument.field("page_token", "is not a page token issued by this server") from None
-    if not isinstance(after, int) or isinstance(after, bool) or after < 0 or not isinstance(issued_for, str):
-        raise InvalidArgument.field("page_token", "is not a page token issued by this server")
-    if issued_for != scope:
-        raise InvalidArgument.field(
-            "page_token", "was issued for another filter; repeat the first request with this filter instead"
-        )
-    return after
-
-
-def session_state_filter(value: int) -> SessionState | None:
-    if value == pb.SESSION_STATE_UNSPECIFIED:
-        return None
-    if value not in convert.SESSION_STATE_FROM_PROTO:
-        raise InvalidArgument.field("state", f"{value} is not a SessionState")
-    return convert.SESSION_STATE_FROM_PROTO[value]
-
-
-def job_state_filter(value: int) -> JobState | None:
-    if value == pb.JOB_STATE_UNSPECIFIED:
-        return None
-    if value not in convert.JOB_STATE_FROM_PROTO:
-        raise InvalidArgument.field("state", f"{value} is not a JobState")
-    return convert.JOB_STATE_FROM_PROTO[value]
-
-
 # --------------------------------------------------------------------------------------------------
 # Results that are not a Session.
-
-
-@dataclass(frozen=True)
-class ScanOutcome:
-    path: str
-    subdirectories: list[walk.DirectoryCount]
-    direct_image_count: int
-    truncated: bool
-    extensions: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Validation:
-    valid: bool
-    problems: list[PreconditionViolation]
-    state: SessionState
-    image_count: int
-    truncated: bool
-    selected: list[walk.DirectoryCount]
-    subdirectories_total: int
-    subdirectories_selected: int
-    supported_formats: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -304,15 +174,24 @@ class Sessions:
         self.db = db
         self.settings = settings
         self.roots = settings.library_roots
+        self.counting = Counting(settings)
 
     @contextlib.asynccontextmanager
     async def _begin(self, call: str, session_id: int | None) -> AsyncIterator[AsyncConnection]:
-        """A write transaction; losing a lock to a concurrent writer is ABORTED (retry), not UNAVAILABLE."""
+        """A write transaction whose lock waits are bounded by the request's deadline.
+
+        A lock not granted in time is UNAVAILABLE (retry: the holder is a worker's short write, or a
+        frozen worker that PostgreSQL cuts off within seconds); a serialization failure or deadlock
+        is ABORTED (a concurrent writer won).
+        """
         try:
             async with self.db.engine.begin() as conn:
+                await conn.execute(_SET_LOCK_TIMEOUT, {"ms": f"{round(lock_wait_seconds() * 1000)}ms"})
                 yield conn
         except DBAPIError as exc:
-            if _sqlstate(exc) in _LOST_RACE:
+            if faults.sqlstate(exc) == "55P03":
+                raise session_busy(session_id, call) from None
+            if faults.is_conflict(exc):
                 raise concurrent_change(session_id, call) from None
             raise
 
@@ -359,9 +238,9 @@ class Sessions:
         self, page_size: int, page_token: str, state: SessionState | None
     ) -> tuple[list[pb.Session], str]:
         """ListSessions: newest first (id descending), keyset-paginated, without subdirectories."""
-        limit = _page_size(page_size, SESSIONS_PAGE_DEFAULT, SESSIONS_PAGE_MAX)
+        limit = page_size_of(page_size, SESSIONS_PAGE_DEFAULT, SESSIONS_PAGE_MAX)
         scope = f"sessions;state={state.value if state else ''}"
-        after = _decode_token(page_token, scope)
+        after = decode_token(page_token, scope)
         where = ["true"]
         params: dict[str, Any] = {"limit": limit + 1}
         if state is not None:
@@ -374,16 +253,16 @@ class Sessions:
         async with self.db.reads.connect() as conn:
             rows = (await conn.execute(text(sql), params)).mappings().all()
         page = rows[:limit]
-        token = _encode_token(int(page[-1]["id"]), scope) if len(rows) > limit else ""
+        token = encode_token(int(page[-1]["id"]), scope) if len(rows) > limit else ""
         return [convert.session_to_proto(r) for r in page], token
 
     async def list_jobs(
         self, session_id: int, page_size: int, page_token: str, state: JobState | None
     ) -> tuple[list[pb.Job], str]:
         """ListJobs: per-image outcomes in job id order, joined with their asset."""
-        limit = _page_size(page_size, JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX)
+        limit = page_size_of(page_size, JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX)
         scope = f"{session_name(session_id)}/jobs;state={state.value if state else ''}"
-        after = _decode_token(page_token, scope)
+        after = decode_token(page_token, scope)
         where = ["j.session_id = :id"]
         params: dict[str, Any] = {"id": session_id, "limit": limit + 1}
         if state is not None:
@@ -394,10 +273,13 @@ class Sessions:
             params["after"] = after
         sql = f"""
             SELECT j.id, j.session_id, j.asset_id, j.state, j.error_class, j.error_message,
-                   j.skip_reason, j.create_time, j.update_time,
-                   a.path, a.perceptual_hash, a.hash_algorithm, a.width, a.height, a.format
+                   j.skip_reason, j.create_time, j.update_time, j.near_duplicate_distance,
+                   a.path, a.perceptual_hash, a.hash_algorithm, a.width, a.height, a.format,
+                   dup.path AS duplicate_of, near.path AS near_duplicate_of
               FROM training_jobs j
               JOIN image_assets a ON a.id = j.asset_id
+              LEFT JOIN image_assets dup ON dup.id = j.duplicate_of_asset_id
+              LEFT JOIN image_assets near ON near.id = j.near_duplicate_of_asset_id
              WHERE {" AND ".join(where)}
              ORDER BY j.id
              LIMIT :limit"""
@@ -405,7 +287,7 @@ class Sessions:
             await self._row(conn, session_id)
             rows = (await conn.execute(text(sql), params)).mappings().all()
         page = rows[:limit]
-        token = _encode_token(int(page[-1]["id"]), scope) if len(rows) > limit else ""
+        token = encode_token(int(page[-1]["id"]), scope) if len(rows) > limit else ""
         return [convert.job_to_proto(r) for r in page], token
 
     # ---- idempotency ---------------------------------------------------------------------------
@@ -468,7 +350,7 @@ class Sessions:
                 if inserted is None:
                     raise _Replay
                 return session
-        except (_Replay, DomainError, IntegrityError):
+        except (_Replay, ApiError, IntegrityError):
             # A concurrent call with the same request_id may have won: its answer is the answer.
             stored = await self._stored_answer(method, request_id, session_id)
             if stored is not None:
@@ -487,7 +369,7 @@ class Sessions:
         *,
         need_selection: bool = False,
     ) -> RowMapping:
-        """One guarded UPDATE; on zero rows, the reason as a domain error. Wakes the workers."""
+        """One guarded UPDATE; on zero rows, the reason as an API error. Wakes the workers."""
         guard = f"AND {_HAS_SELECTION}" if need_selection else ""
         sql = f"""
             UPDATE training_sessions
@@ -537,7 +419,6 @@ class Sessions:
                 need_selection=True,
             )
             # Jobs a failed run left `running` are picked up again (not counted by any counter).
-            await conn.execute(_JOB_LEFTOVERS_TO_PENDING, {"id": session_id})
             return await self._proto(conn, row)
 
         return await self._idempotent("StartSession", request_id, session_id, work)
@@ -555,7 +436,6 @@ class Sessions:
                     f"state = 'discovering', run_scope = 'all', {_RESET_RUN}, {_RESET_DISCOVERY}",
                     need_selection=True,
                 )
-                await conn.execute(_JOB_LEFTOVERS_TO_PENDING, {"id": session_id})
                 return await self._proto(conn, row)
             await self._transition(
                 conn,
@@ -590,7 +470,6 @@ class Sessions:
                 .mappings()
                 .one()
             )
-            await conn.execute(_JOB_LEFTOVERS_TO_PENDING, {"id": session_id})
             return await self._proto(conn, row)
 
         return await self._idempotent("RestartSession", request_id, session_id, work)
@@ -614,7 +493,7 @@ class Sessions:
             session_id,
             "ResumeSession",
             RESUMABLE,
-            "state = COALESCE(resume_state, 'discovering'), resume_state = NULL",
+            "state = COALESCE(resume_state, 'discovering'), resume_state = NULL, state_reason = ''",
         )
 
     async def cancel(self, session_id: int) -> pb.Session:
@@ -641,19 +520,24 @@ class Sessions:
 
     # ---- edits ---------------------------------------------------------------------------------
 
-    async def _lock(self, conn: AsyncConnection, session_id: int) -> RowMapping:
+    async def _lock(self, conn: AsyncConnection, session_id: int, call: str) -> RowMapping:
         """Lock the session row for a read-check-write; ABORTED if a concurrent change holds it."""
-        # NOWAIT: lock_not_available ends the transaction; `_begin` turns it into ABORTED.
-        row = (
-            (
-                await conn.execute(
-                    text("SELECT id, state, root_path FROM training_sessions WHERE id = :id FOR UPDATE NOWAIT"),
-                    {"id": session_id},
+        # NOWAIT: a concurrent change in progress is ABORTED at once (retry after GetSession).
+        try:
+            row = (
+                (
+                    await conn.execute(
+                        text("SELECT id, state, root_path FROM training_sessions WHERE id = :id FOR UPDATE NOWAIT"),
+                        {"id": session_id},
+                    )
                 )
+                .mappings()
+                .first()
             )
-            .mappings()
-            .first()
-        )
+        except DBAPIError as exc:
+            if faults.sqlstate(exc) == "55P03":
+                raise concurrent_change(session_id, call) from None
+            raise
         if row is None:
             raise NotFound(session_name(session_id))
         return row
@@ -665,7 +549,7 @@ class Sessions:
             if not display_name.strip():
                 raise InvalidArgument.field("display_name", "must not be empty")
         async with self._begin("UpdateSession", session_id) as conn:
-            current = await self._lock(conn, session_id)
+            current = await self._lock(conn, session_id, "UpdateSession")
             if config is not None and current["state"] in ACTIVE_STATES:
                 raise wrong_state("UpdateSession", session_id, current["state"])
             row = (
@@ -709,7 +593,7 @@ class Sessions:
             root = (await self._row(conn, session_id))["root_path"]
         resolved = await asyncio.to_thread(self._resolve_selections, root, selections)
         async with self._begin("UpdateSubdirectories", session_id) as conn:
-            current = await self._lock(conn, session_id)
+            current = await self._lock(conn, session_id, "UpdateSubdirectories")
             if current["state"] in ACTIVE_STATES:
                 raise wrong_state("UpdateSubdirectories", session_id, current["state"])
             if resolved:
@@ -748,8 +632,15 @@ class Sessions:
 
     # ---- create --------------------------------------------------------------------------------
 
-    def _resolve_create(self, root_path: str, subdirectories: Sequence[str]) -> tuple[Path, list[str], bool]:
-        """Blocking: the resolved root, the subdirectory paths, and whether they are selected."""
+    def _resolve_create(
+        self, root_path: str, subdirectories: Sequence[str], extensions: Sequence[str]
+    ) -> tuple[Path, list[str], bool]:
+        """Blocking: the resolved root, the subdirectory paths, and whether they are selected.
+
+        Without subdirectories the choice is offered, unselected: the root itself first when it
+        holds images directly (selecting it trains those and everything under it: a flat folder
+        has nothing else to select), then its immediate subdirectories.
+        """
         root = resolve_directory(root_path, self.roots, "root_path")
         if subdirectories:
             paths = [
@@ -758,10 +649,17 @@ class Sessions:
             ]
             return root, list(dict.fromkeys(paths)), True
         try:
-            found, _more = walk.list_subdirectories(str(root), self.roots, MAX_PATHS_PER_REQUEST)
+            found, _more = walk.list_subdirectories(str(root), self.roots, MAX_PATHS_PER_REQUEST - 1)
+            loose = walk.has_direct_images(
+                str(root),
+                extensions or DEFAULT_EXTENSIONS,
+                self.roots,
+                max_files=self.settings.scan_max_files,
+                deadline=time.monotonic() + self.settings.scan_max_seconds,
+            )
         except OSError as err:
             raise InvalidArgument.field("root_path", f"cannot be read: {err.strerror or err}") from None
-        return root, found, False
+        return root, ([str(root)] if loose else []) + found, False
 
     async def create(
         self,
@@ -781,7 +679,9 @@ class Sessions:
             stored = await self._stored_answer("CreateSession", request_id, None)
             if stored is not None:
                 return stored
-        root, paths, selected = await asyncio.to_thread(self._resolve_create, root_path, subdirectories)
+        root, paths, selected = await asyncio.to_thread(
+            self._resolve_create, root_path, subdirectories, list(config.get("extensions") or ())
+        )
         name = display_name.strip() or (root.name or str(root))[:MAX_DISPLAY_NAME]
 
         async def work(conn: AsyncConnection) -> pb.Session:
@@ -819,39 +719,11 @@ class Sessions:
 
     # ---- counting (bounded, in a thread) -------------------------------------------------------
 
-    def _deadline(self, time_remaining: float | None) -> float:
-        """A monotonic deadline: the configured cap, or sooner if the caller's deadline is nearer."""
-        budget = self.settings.scan_max_seconds
-        if time_remaining is not None:
-            budget = min(budget, time_remaining - DEADLINE_MARGIN_SECONDS)
-        return time.monotonic() + max(budget, 0.0)
-
-    def _max_files(self, requested: int) -> int:
-        if requested < 0:
-            raise InvalidArgument.field("max_files", "must not be negative")
-        cap = self.settings.scan_max_files
-        return min(requested or cap, cap)
-
     async def scan_directory(
         self, path: str, extensions: Sequence[str], max_files: int, time_remaining: float | None
     ) -> ScanOutcome:
         """ScanDirectory: immediate subdirectories with recursive image counts, within a cap and deadline."""
-        try:
-            exts = normalize_extensions(extensions)
-        except ValueError as err:
-            raise InvalidArgument.field("extensions", str(err)) from None
-        limit = self._max_files(max_files)
-        deadline = self._deadline(time_remaining)
-
-        def scan() -> walk.ScanResult:
-            resolved = resolve_directory(path, self.roots, "path")
-            try:
-                return walk.scan_directory(str(resolved), exts, self.roots, max_files=limit, deadline=deadline)
-            except OSError as err:
-                raise InvalidArgument.field("path", f"cannot be read: {err.strerror or err}") from None
-
-        result = await asyncio.to_thread(scan)
-        return ScanOutcome(result.path, result.subdirectories, result.direct_image_count, result.truncated, exts)
+        return await self.counting.scan_directory(path, extensions, max_files, time_remaining)
 
     async def validate(self, session_id: int, time_remaining: float | None) -> Validation:
         """ValidateSession: StartSession's checks and a bounded image count, changing nothing."""
@@ -869,26 +741,10 @@ class Sessions:
         selected = [s["path"] for s in subdirectories if s["selected"]]
         if not selected:
             problems.append(no_selection(session_id).violations[0])
-        deadline = self._deadline(time_remaining)
-        max_files = self.settings.scan_max_files
-
-        def count() -> tuple[list[PreconditionViolation], list[walk.DirectoryCount], bool]:
-            unreadable: list[PreconditionViolation] = []
-            readable: list[str] = []
-            for path in selected:
-                problem = _unreadable(path, self.roots)
-                if problem is None:
-                    readable.append(path)
-                else:
-                    unreadable.append(PreconditionViolation("UNREADABLE", path, problem))
-            counts, truncated = walk.count_images(
-                readable, exts, self.roots, recursive=config.recursive, max_files=max_files, deadline=deadline
-            )
-            return unreadable, counts, truncated
-
-        unreadable, counts, truncated = await asyncio.to_thread(count)
+        unreadable, counts, truncated, image_count = await self.counting.count_selected(
+            selected, exts, config.recursive, time_remaining
+        )
         problems.extend(unreadable)
-        image_count = sum(c.image_count for c in counts)
         if counts and image_count == 0 and not truncated:
             problems.append(
                 PreconditionViolation(
@@ -910,19 +766,6 @@ class Sessions:
             subdirectories_selected=len(selected),
             supported_formats=exts,
         )
-
-
-def _unreadable(path: str, roots: Sequence[Path]) -> str | None:
-    """Blocking: why a selected directory cannot be walked, or None. Opens the directory once."""
-    resolved = os.path.realpath(path)
-    if not is_within(resolved, roots):
-        return f"{path} now leads outside the library roots; unselect it with UpdateSubdirectories"
-    try:
-        with os.scandir(resolved):
-            pass
-    except OSError as err:
-        return f"cannot read {path}: {err.strerror or err}; fix it or unselect it with UpdateSubdirectories"
-    return None
 
 
 def _id_of(name: str) -> int:

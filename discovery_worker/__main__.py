@@ -1,34 +1,41 @@
 """`python -m discovery_worker`: settings, database, migrations, gRPC server, claim loop, signals.
 
-A bad setting ends the process at once with one line naming the variable (exit status 2) instead
-of a stack trace later. SIGTERM / SIGINT: health NOT_SERVING, stop claiming, runners stop at their
-next checkpoint and hand their sessions back (another worker resumes them at once), then the server
-stops within the grace period.
+A bad setting or an unusable resource (database not up within IMAGETRAINING_DATABASE_WAIT_SECONDS,
+port taken, trainer not loadable) ends the process with one line naming the variable (exit status
+2) instead of a stack trace (imagetraining.startup). SIGTERM / SIGINT: health NOT_SERVING, stop
+claiming, runners stop at their next checkpoint and hand their sessions back (another worker
+resumes them at once), then the server stops within the grace period.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import sys
 
-from imagetraining.rpc import install_signal_handlers
-from imagetraining.settings import Settings, SettingsError, configure_logging
+from imagetraining import startup
+from imagetraining.rpc import ListenError, install_signal_handlers
+from imagetraining.settings import Settings
 
-
-class StartupError(Exception):
-    """The worker could not start (database unreachable, port taken, trainer not loadable)."""
+log = logging.getLogger("discovery_worker")
 
 
 async def _main(settings: Settings) -> None:
-    from sqlalchemy.exc import SQLAlchemyError
-
     from discovery_worker.pool import PoolStartError, TrainerLoadError
     from discovery_worker.worker import run_worker
 
+    await startup.reach_database(settings, log)
     try:
         handle = await run_worker(settings)
-    except (OSError, SQLAlchemyError, TrainerLoadError, PoolStartError) as exc:
-        raise StartupError(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    except ListenError as exc:
+        raise startup.StartupError("IMAGETRAINING_WORKER_ADDRESS", str(exc)) from None
+    except TrainerLoadError as exc:
+        raise startup.StartupError("IMAGETRAINING_TRAINER", str(exc).splitlines()[0]) from None
+    except PoolStartError as exc:
+        raise startup.StartupError("IMAGETRAINING_POOL_SIZE", str(exc)) from None
+    except Exception as exc:
+        if startup.is_database_error(exc):
+            raise startup.database_failure(settings, "cannot prepare the database", exc) from None
+        raise
     install_signal_handlers(handle.server)
     try:
         await handle.server.wait()
@@ -37,19 +44,7 @@ async def _main(settings: Settings) -> None:
 
 
 def main() -> int:
-    try:
-        settings = Settings.from_env()
-        settings.validate_worker()
-    except SettingsError as exc:
-        print(f"imagetraining: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    try:
-        asyncio.run(_main(settings))
-    except StartupError as exc:
-        print(f"imagetraining: discovery worker cannot start: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return startup.run_service(_main, validate=Settings.validate_worker)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ clocks never matter.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,43 +29,8 @@ SEQUENCE_BLOCK = 100_000
 ACTIVE = ("discovering", "running")
 
 
-# ---- fault points (crash tests) ------------------------------------------------------------------
-
-FAULT_ENV = "IMAGETRAINING_FAULT_POINT"
-FAULT_POINTS = (
-    "after_claim",
-    "discovery_batch_before_commit",
-    "discovery_batch_after_commit",
-    "before_running_transition",
-    "training_chunk_before_commit",
-    "training_chunk_after_commit",
-    "before_completed_transition",
-)
-
-
-def _parse_fault(raw: str | None) -> tuple[str, int] | None:
-    if not raw:
-        return None
-    name, _, nth = raw.partition(":")
-    return name.strip(), int(nth) if nth.strip() else 1
-
-
-_fault = _parse_fault(os.environ.get(FAULT_ENV))
-_fault_hits = 0
-
-
-def fault_point(name: str) -> None:
-    """Kill this process with SIGKILL at the n-th pass through `name` when IMAGETRAINING_FAULT_POINT selects it.
-
-    A no-op (one comparison) when the variable is unset. SIGKILL, not an exception: the point of the
-    crash tests is a worker that gets no chance to clean up (OOM kill, power loss, kill -9).
-    """
-    global _fault_hits
-    if _fault is None or _fault[0] != name:
-        return
-    _fault_hits += 1
-    if _fault_hits >= _fault[1]:
-        os.kill(os.getpid(), signal.SIGKILL)
+class FenceLost(Exception):
+    """The session is no longer ours in the expected state: roll back, write nothing more."""
 
 
 # ---- claims ------------------------------------------------------------------------------------------
@@ -172,7 +135,21 @@ _RESERVE = text(
     """
 )
 
-_WATCH = text("SELECT state, epoch, owner_id FROM training_sessions WHERE id = :id")
+# The library went offline (discovery_worker/library.py): paused where it was, with the path in the
+# reason, handed back (owner cleared) with the attempt given back: an offline NAS is not a crash.
+_PAUSE_OFFLINE = text(
+    """
+    UPDATE training_sessions
+       SET state = 'paused', resume_state = state, state_reason = :reason, current_directory = '',
+           owner_id = NULL, owner_address = NULL, lease_expires_at = NULL,
+           attempts = GREATEST(attempts - 1, 0),
+           update_time = now(), event_sequence = event_sequence + 1
+     WHERE id = :id AND epoch = :epoch AND owner_id = :owner AND state IN ('discovering', 'running')
+    RETURNING *
+    """
+)
+
+_WATCH = text("SELECT state, epoch, owner_id, event_sequence FROM training_sessions WHERE id = :id")
 
 
 async def fail_exhausted(db: Database, max_attempts: int) -> list[tuple[int, int]]:
@@ -277,17 +254,45 @@ async def fence(conn: AsyncConnection, claim: Claim, state: str) -> dict[str, An
     return checkpoint
 
 
-async def still_owned(db: Database, claim: Claim) -> tuple[bool, str]:
-    """One primary-key read: do we still own the session in an active state? (ok, state or 'deleted')."""
+async def pause_offline(db: Database, claim: Claim, reason: str) -> dict[str, Any] | None:
+    """Fenced: pause the session because its library is offline; the committed row, or None if not ours."""
+    async with db.engine.begin() as conn:
+        row = (
+            (
+                await conn.execute(
+                    _PAUSE_OFFLINE,
+                    {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id, "reason": reason[:2000]},
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if row is not None:
+            await notify(conn, claim.session_id)
+    return None if row is None else dict(row)
+
+
+async def watch_row(db: Database, claim: Claim) -> tuple[bool, str, int]:
+    """One primary-key read: do we still own the session in an active state?
+
+    Returns (ok, state or 'deleted' or 'lease lost', the row's event_sequence).
+    """
     async with db.engine.connect() as conn:
         row = (await conn.execute(_WATCH, {"id": claim.session_id})).first()
     if row is None:
-        return False, "deleted"
+        return False, "deleted", 0
+    sequence = int(row.event_sequence)
     if row.epoch != claim.epoch or row.owner_id != claim.owner_id:
-        return False, "lease lost"
+        return False, "lease lost", sequence
     if row.state not in ACTIVE:
-        return False, str(row.state)
-    return True, str(row.state)
+        return False, str(row.state), sequence
+    return True, str(row.state), sequence
+
+
+async def still_owned(db: Database, claim: Claim) -> tuple[bool, str]:
+    """Do we still own the session in an active state? (ok, state or 'deleted' or 'lease lost')."""
+    owned, state, _sequence = await watch_row(db, claim)
+    return owned, state
 
 
 class RunObserver(Protocol):
@@ -303,6 +308,15 @@ class RunObserver(Protocol):
 
     def state(self, state: str, reason: str, row: Mapping[str, Any]) -> None:
         """The worker committed a state change (discovering -> running / failed, running -> completed / failed)."""
+
+    def acknowledge(self, event_sequence: int) -> None:
+        """This runner is about to commit a transition that leaves the row's event_sequence at this
+        value (called inside the transaction, before the commit, so the watcher never mistakes the
+        runner's own bump for another process's numbers)."""
+
+    def sequence_seen(self, value: int) -> None:
+        """The row's event_sequence as the runner's watcher read it (a control service may have taken
+        numbers above this owner's block for messages it built from the row)."""
 
     async def close(self) -> None:
         """The runner ends (finished, stopped, lease lost); the session is no longer owned here."""
@@ -349,3 +363,7 @@ class RunContext:
     def state(self, row: Mapping[str, Any]) -> None:
         if self.observer is not None:
             self.observer.state(str(row["state"]), str(row["state_reason"]), row)
+
+    def acknowledge(self, row: Mapping[str, Any]) -> None:
+        if self.observer is not None:
+            self.observer.acknowledge(int(row["event_sequence"]))

@@ -15,7 +15,15 @@ Each batch is ONE transaction, fenced on the session row (`claims.fence`):
 - the fingerprints of the directories whose last image is in the batch (`fingerprint`): on a rescan,
   a directory whose fingerprint equals the stored one is only counted, never read or written per file;
 - unreadable paths recorded in `discovery_issues` (`ON CONFLICT DO NOTHING`);
+- mount points the walk met recorded as library anchors (`library_anchors`);
 - counters and the checkpoint advanced.
+
+A library that goes away is not a library that shrank (discovery_worker/library.py): the roots and
+selected directories are recorded as anchors when a run's discovery starts and checked when a
+claim resumes it; whenever a directory or file fails with an error that could mean "offline", and
+once more before the walk is declared complete, the anchors on its way are checked. One missing,
+unreadable or replaced raises `LibraryOffline`: the batch in hand is not written, the total is never
+finalised from a cut-short walk, and the runner pauses the session with the path in its reason.
 
 Exact counters after a crash (the walk restarts from the beginning; it is deterministic):
 - the walk's own counters (directories, files, images, unreadable) count the current pass from
@@ -45,7 +53,10 @@ from typing import Any
 from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from discovery_worker.claims import RunContext, fault_point, fence
+from discovery_worker.claims import FenceLost, RunContext, fence
+from discovery_worker.faultpoints import fault_point
+from discovery_worker.library import SUSPECT_ERRNOS, Anchor, Anchors, initial_anchors
+from imagetraining.duplicates import NEAR_DUPLICATE_DISTANCE_DEFAULT, NEAR_DUPLICATE_DISTANCE_MAX
 from imagetraining.formats import describe, normalize_extensions
 from imagetraining.notifications import notify
 from imagetraining.paths import is_within
@@ -62,10 +73,6 @@ QUEUE_BATCHES = 2
 MAX_HELD = 10_000
 
 
-class FenceLost(Exception):
-    """The session is no longer ours in the expected state: roll back, write nothing more."""
-
-
 @dataclass(slots=True)
 class Plan:
     """What to walk: selected subdirectories (id, path) and the session's walk configuration."""
@@ -76,6 +83,12 @@ class Plan:
     batch_size: int
     # directory path -> digest this session recorded (`fingerprint`); equal on a rescan: skipped.
     fingerprints: dict[str, str] = field(default_factory=dict)
+    # The run's library anchors recorded so far (library_anchors), and whether this is a new run
+    # (no checkpoint yet: anchors of an earlier run are replaced).
+    anchors: list[Anchor] = field(default_factory=list)
+    fresh: bool = True
+    near_duplicate_distance: int = NEAR_DUPLICATE_DISTANCE_DEFAULT
+    skip_near_duplicates: bool = False
 
 
 @dataclass(slots=True)
@@ -89,6 +102,8 @@ class WalkBatch:
     skipped: list[tuple[int, int]] = field(default_factory=list)
     # (directory, digest) of directories whose last image is in this batch.
     fingerprints: list[tuple[str, str]] = field(default_factory=list)
+    # Mount points the walk met since the previous batch: library anchors to record.
+    anchors: list[Anchor] = field(default_factory=list)
     end_index: int | None = None  # position after the batch's last image; None: start_index + len(files)
     directories_scanned: int = 0
     files_seen: int = 0
@@ -110,11 +125,13 @@ class DiscoveryTotals:
 
 async def load_plan(ctx: RunContext) -> Plan:
     async with ctx.db.engine.connect() as conn:
-        config = (
+        head = (
             await conn.execute(
-                text("SELECT config FROM training_sessions WHERE id = :id"), {"id": ctx.claim.session_id}
+                text("SELECT config, discovery_checkpoint IS NULL AS fresh FROM training_sessions WHERE id = :id"),
+                {"id": ctx.claim.session_id},
             )
-        ).scalar_one()
+        ).one()
+        config = head.config
         rows = (
             await conn.execute(
                 text(
@@ -134,6 +151,13 @@ async def load_plan(ctx: RunContext) -> Plan:
                 {"id": ctx.claim.session_id},
             )
         }
+        anchors = [
+            Anchor(str(r.path), int(r.inode), int(r.device))
+            for r in await conn.execute(
+                text("SELECT path, inode, device FROM library_anchors WHERE session_id = :id"),
+                {"id": ctx.claim.session_id},
+            )
+        ]
     config = dict(config or {})
     try:
         extensions = normalize_extensions(config.get("extensions") or ())
@@ -146,7 +170,19 @@ async def load_plan(ctx: RunContext) -> Plan:
         recursive=bool(config.get("recursive", True)),
         batch_size=max(1, batch_size),
         fingerprints=fingerprints,
+        anchors=anchors,
+        fresh=bool(head.fresh),
+        near_duplicate_distance=min(
+            max(int(config.get("near_duplicate_distance", NEAR_DUPLICATE_DISTANCE_DEFAULT)), 0),
+            NEAR_DUPLICATE_DISTANCE_MAX,
+        ),
+        skip_near_duplicates=bool(config.get("skip_near_duplicates", False)),
     )
+
+
+def _tops_within_roots(plan: Plan, roots: Sequence[Any]) -> list[str]:
+    """The selected directories that (still) resolve inside the roots (blocking: realpath)."""
+    return [path for _sid, path in plan.subdirectories if is_within(os.path.realpath(path), roots)]
 
 
 def fingerprint(extensions: tuple[str, ...], files: list[FoundFile]) -> str:
@@ -166,11 +202,15 @@ def fingerprint(extensions: tuple[str, ...], files: list[FoundFile]) -> str:
 def _walk_thread(
     ctx: RunContext,
     plan: Plan,
+    anchors: Anchors,
     loop: asyncio.AbstractEventLoop,
     queue: asyncio.Queue[WalkBatch],
     abort: threading.Event,
 ) -> None:
-    """Runs in a thread: walk, cut batches, hand them to the loop. Returns when done or stopped."""
+    """Runs in a thread: walk, cut batches, hand them to the loop. Returns when done or stopped.
+
+    Ends with a batch carrying `LibraryOffline` as its error when an anchor goes missing.
+    """
 
     def stopping() -> bool:
         return ctx.stop.is_set() or abort.is_set()
@@ -270,8 +310,21 @@ def _walk_thread(
         held, held_dir, overflowed = [], None, False
         return maybe_send()
 
+    mounts_seen = 0
+
+    def take_mounts() -> None:
+        """Mount points met since the last call become anchors (checked from now on, recorded with the batch)."""
+        nonlocal mounts_seen
+        for path, inode, device in walk.mounts[mounts_seen:]:
+            anchor = Anchor(path, inode, device)
+            if anchors.add(anchor):
+                batch.anchors.append(anchor)
+        mounts_seen = len(walk.mounts)
+
     try:
         for item in walk:
+            if len(walk.mounts) > mounts_seen:
+                take_mounts()
             if isinstance(item, FoundFile):
                 item.top = walked_ids[item.top]  # from here on: the subdirectory id
                 directory = os.path.dirname(item.path)
@@ -288,10 +341,23 @@ def _walk_thread(
                     if not maybe_send():
                         return
             else:
+                if item.errno in SUSPECT_ERRNOS:
+                    # Gone or unreadable: one directory, or the whole library (an unmount, a rename)?
+                    offline = anchors.check([item.path])
+                    if offline is not None:
+                        put(WalkBatch(done=True, error=offline))
+                        return
                 batch.issues.append(item)
                 if not maybe_send():
                     return
         if walk.stopped or stopping():
+            return
+        take_mounts()
+        # A walk that ran to the end may still have been cut short by a library that went away
+        # between two directories: the total is only final if every anchor is still there.
+        offline = anchors.check()
+        if offline is not None:
+            put(WalkBatch(done=True, error=offline))
             return
         if not release():
             return
@@ -368,7 +434,8 @@ _RESET_JOBS = text(
     reset AS (
         UPDATE training_jobs j
            SET state = 'pending', error_class = '', error_message = '', skip_reason = '',
-               duplicate_of_asset_id = NULL, update_time = now()
+               duplicate_of_asset_id = NULL, near_duplicate_of_asset_id = NULL, near_duplicate_distance = NULL,
+               update_time = now()
           FROM old WHERE j.id = old.id
         RETURNING old.state AS old_state
     )
@@ -387,6 +454,58 @@ _SAVE_FINGERPRINTS = text(
     ON CONFLICT (session_id, path) DO UPDATE SET digest = EXCLUDED.digest
     """
 )
+
+_SAVE_ANCHORS = text(
+    """
+    INSERT INTO library_anchors (session_id, path, inode, device)
+    SELECT :id, t.path, t.inode, t.device
+      FROM unnest(CAST(:paths AS text[]), CAST(:inodes AS bigint[]), CAST(:devices AS bigint[]))
+           AS t(path, inode, device)
+    ON CONFLICT (session_id, path) DO NOTHING
+    """
+)
+
+_FORGET_ANCHORS = text("DELETE FROM library_anchors WHERE session_id = :id")
+
+
+async def save_anchors(conn: AsyncConnection, session_id: int, anchors: Sequence[Anchor]) -> None:
+    """Record anchors; one already recorded for a path keeps its first identity (that of the run's start)."""
+    await conn.execute(
+        _SAVE_ANCHORS,
+        {
+            "id": session_id,
+            "paths": [a.path for a in anchors],
+            "inodes": [a.inode for a in anchors],
+            "devices": [a.device for a in anchors],
+        },
+    )
+
+
+async def anchor_library(ctx: RunContext, plan: Plan, tops: Sequence[str]) -> Anchors:
+    """The run's anchors before the walk starts: recorded for a new run, verified for a resumed one.
+
+    Raises LibraryOffline when a root or a selected directory is not there (fenced writes: FenceLost).
+    """
+    known = {} if plan.fresh else {a.path: a for a in plan.anchors}
+    added = await asyncio.to_thread(initial_anchors, tops, ctx.roots, known)
+    if plan.fresh or added:
+        async with ctx.db.engine.begin() as conn:
+            if await fence(conn, ctx.claim, "discovering") is None:
+                raise FenceLost
+            if plan.fresh:
+                await conn.execute(_FORGET_ANCHORS, {"id": ctx.claim.session_id})
+            if added:
+                await save_anchors(conn, ctx.claim.session_id, added)
+    anchors = Anchors(known.values())
+    for anchor in added:
+        anchors.add(anchor)
+    if not plan.fresh:
+        # Mount points recorded by the interrupted pass of this run: still mounted?
+        offline = await asyncio.to_thread(anchors.check)
+        if offline is not None:
+            raise offline
+    return anchors
+
 
 _INSERT_ISSUES = text(
     """
@@ -524,6 +643,8 @@ async def write_batch(
                     "reasons": [i.reason[:1000] for i in batch.issues],
                 },
             )
+        if batch.anchors:
+            await save_anchors(conn, sid, batch.anchors)
         if batch.fingerprints:
             await conn.execute(
                 _SAVE_FINGERPRINTS,
@@ -648,6 +769,7 @@ async def finish(ctx: RunContext, plan: Plan, final: WalkBatch) -> tuple[str, in
             row = dict((await conn.execute(_NO_IMAGES, {"id": sid, "reason": no_images_reason(plan)})).mappings().one())
         else:
             row = dict((await conn.execute(_TO_RUNNING, {"id": sid})).mappings().one())
+        ctx.acknowledge(row)
         await conn.execute(_SUBDIRECTORY_COUNTS, {"id": sid, "nested_ids": nested_ids(plan.subdirectories)})
         await notify(conn, sid)
     ctx.state(row)
@@ -660,11 +782,13 @@ async def run_discovery(ctx: RunContext) -> tuple[str, int, DiscoveryTotals, Wal
     Raises FenceLost when a write found the session no longer ours.
     """
     plan = await load_plan(ctx)
+    tops = await asyncio.to_thread(_tops_within_roots, plan, ctx.roots)
+    anchors = await anchor_library(ctx, plan, tops)
     totals = DiscoveryTotals()
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[WalkBatch] = asyncio.Queue(maxsize=QUEUE_BATCHES)
     abort = threading.Event()
-    walker = loop.run_in_executor(None, _walk_thread, ctx, plan, loop, queue, abort)
+    walker = loop.run_in_executor(None, _walk_thread, ctx, plan, anchors, loop, queue, abort)
     stop_wait = asyncio.ensure_future(ctx.stop.event.wait())
     final: WalkBatch | None = None
     ahead: tuple[WalkBatch, asyncio.Task[Sequence[Row[Any]]] | None] | None = None

@@ -10,6 +10,11 @@ sequence this owner has used. A new owner (after a crash or a lease takeover) st
 ceiling, and the control service numbers its own state changes above it too, so a subscriber never
 sees a sequence twice or going backwards. When an owner nears its ceiling it reserves another block.
 
+A control service that cannot reach this owner (control_service/relay.py) numbers the messages it
+builds from the session row by raising the row's counter above this owner's block. The runner's
+watcher reports the row's counter (`note_row_sequence`); when it is above the block, this owner
+reserves a new block above it and numbers from there, so its messages are newer again.
+
 Rate: a message at most every `min_interval` while counters change, one at once for every state
 change, and a heartbeat every `heartbeat_interval` when nothing changes.
 """
@@ -21,9 +26,8 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from discovery_worker.claims import SEQUENCE_BLOCK
+from imagetraining import convert
 from imagetraining.fanout import Fanout
 from imagetraining.v1 import resources_pb2 as pb
 
@@ -53,6 +57,7 @@ class SessionEvents:
         self._ceiling = ceiling
         self._reserve = reserve
         self._reserving: asyncio.Task[None] | None = None
+        self._own_row_sequence = ceiling
         self.state = state
         self.state_reason = ""
         self.discovery_progress = pb.DiscoveryProgress()
@@ -125,22 +130,38 @@ class SessionEvents:
             self._ceiling = seq
         return seq
 
+    def acknowledge(self, value: int) -> None:
+        """The row's event_sequence as this owner's own write left it (its transitions raise it by one)."""
+        self._own_row_sequence = max(self._own_row_sequence, value)
+
+    def note_row_sequence(self, value: int) -> None:
+        """The session row's event_sequence now: above our block (and our own writes) means another
+        process numbered messages above ours."""
+        if (
+            value > max(self._ceiling, self._own_row_sequence)
+            and self._reserve is not None
+            and (self._reserving is None or self._reserving.done())
+        ):
+            self._reserving = asyncio.create_task(self._extend())
+
     async def _extend(self) -> None:
+        """Reserve the next block; when it does not follow ours (numbers were taken in between), jump to it."""
         assert self._reserve is not None
-        self._ceiling = await self._reserve()
+        ceiling = await self._reserve()
+        start = ceiling - SEQUENCE_BLOCK + 1
+        if start > self._ceiling + 1:
+            self._next = max(self._next, start)
+        self._ceiling = ceiling
 
     def _emit(self, kind: int) -> pb.SessionEvent:
-        now = Timestamp()
-        now.GetCurrentTime()
-        event = pb.SessionEvent(
-            name=self.name,
-            sequence=self._take_sequence(),
-            event_time=now,
-            kind=kind,  # type: ignore[arg-type]
-            state=self.state,  # type: ignore[arg-type]
-            state_reason=self.state_reason,
-            discovery=self.discovery_progress,
-            training=self.training_progress,
+        event = convert.event(
+            self.name,
+            self._take_sequence(),
+            kind,
+            self.state,
+            self.state_reason,
+            self.discovery_progress,
+            self.training_progress,
         )
         self._dirty = False
         self._last_emit = time.monotonic()

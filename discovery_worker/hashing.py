@@ -4,8 +4,12 @@ This is the CPU side of the training step and it runs inside the worker's proces
 (`discovery_worker.pool`), never on an event loop. The input is untrusted: any file a user dropped
 into a library root. So:
 
-- the file is stat-ed first: not a regular file, empty, or larger than `max_file_bytes` is refused
-  before a single byte is decoded (a FIFO would block `open` forever; a 5 GB file would fill memory);
+- the file is opened without following any symlink out of the library roots
+  (`imagetraining.paths.open_within`: resolved, checked, then opened component by component with
+  O_NOFOLLOW), whatever was swapped on disk since discovery; refused paths fail as `unreadable`
+  before anything outside the roots is opened;
+- the opened file is fstat-ed: not a regular file, empty, or larger than `max_file_bytes` is
+  refused before a single byte is decoded (a 5 GB file would fill memory);
 - Pillow only gets the formats allowed for the file's extension (`imagetraining.formats`), so a
   `.jpg` that is really some rarely used format never reaches that format's decoder;
 - the decompression-bomb limit is `max_image_pixels`, Pillow's warning is made an error, and the
@@ -27,6 +31,10 @@ orientation is not applied: the hash and the size are those of the stored pixels
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import hashlib
+import io
 import json
 import os
 import stat
@@ -40,8 +48,13 @@ import imagehash
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from imagetraining.formats import ALLOWED_EXTENSIONS, PILLOW_FORMATS
+from imagetraining.paths import NotRegularFile, OutsideRoots, PathChanged, open_within
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+    from typing import BinaryIO
+
     from discovery_worker.trainer import Trainer
 
 HASH_ALGORITHM = "dhash-64"
@@ -67,8 +80,15 @@ ERROR_CLASSES = (
     "internal",
 )
 
-# Messages of Pillow's ImageFile.load when the data ends early (LOAD_TRUNCATED_IMAGES is off).
-_TRUNCATED_MESSAGES = ("image file is truncated", "broken data stream")
+# Errors of the storage under a file (a disk, a network share), not of the image in it.
+_IO_ERRNOS = frozenset(
+    {errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.ENXIO, errno.ENODEV}
+)
+# Messages of Pillow when the data ends early: ImageFile.load with LOAD_TRUNCATED_IMAGES off, and
+# ImageFile._safe_read for a header cut short. ("broken data stream" is not one: it is what a
+# scrambled compressed stream gives; a cut one is told apart by `_container_cut_off`.)
+_TRUNCATED_MESSAGES = ("image file is truncated", "Truncated File Read")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Errors Pillow's decoders and plugin parsers raise on malformed or hostile data.
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     Image.DecompressionBombError,
@@ -98,6 +118,9 @@ class ImageResult:
     features: dict[str, Any] | None = None  # what the trainer returned (JSON-serialisable, small)
     error_class: str = ""  # one of ERROR_CLASSES when not ok
     error_message: str = ""
+    # BLAKE2b-128 of the file's bytes (hex), computed from the bytes the decoder reads: files with
+    # equal digests are exact duplicates. Empty when the file could not be read.
+    content_digest: str = ""
 
 
 def _fail(
@@ -153,15 +176,15 @@ def allowed_formats(path: str) -> tuple[str, ...]:
     return tuple(f for f in names if f in Image.OPEN) or names
 
 
-def _sniff_format(path: str, expected: tuple[str, ...]) -> str | None:
+def _sniff_format(fp: BinaryIO, expected: tuple[str, ...]) -> str | None:
     """Which registered format claims the file's first bytes (magic numbers only, nothing parsed).
 
     The expected formats are asked first: a file that starts like a JPEG but fails to open is a
     corrupt JPEG, even if some loosely checked format (TGA, say) would also accept those bytes.
     """
     try:
-        with open(path, "rb") as f:
-            prefix = f.read(16)
+        fp.seek(0)
+        prefix = fp.read(16)
     except OSError:
         return None
     for name in (*expected, *(n for n in Image.ID if n not in expected)):
@@ -177,62 +200,190 @@ def _sniff_format(path: str, expected: tuple[str, ...]) -> str | None:
     return None
 
 
-def _classify_decode_error(exc: BaseException, stage: str) -> ImageResult:
+def _container_cut_off(fp: BinaryIO | None) -> bool | None:
+    """Does the file's container end before its own structure says it should?
+
+    True: cut off (a PNG whose chunks run past the end of the file or stop before IEND; a WebP whose
+    RIFF size is larger than the file; a JPEG whose well-formed header segments run past the end).
+    False: the container is whole (every PNG chunk's CRC checks and IEND is there; the RIFF size
+    fits) or its structure is garbage, so a decode failure is damaged content, not a short file.
+    None: unknown (another format, or a JPEG's scan data, which has no length: Pillow's messages
+    decide).
+    """
+    if fp is None:
+        return None
+    try:
+        fp.seek(0, os.SEEK_END)
+        size = fp.tell()
+        fp.seek(0)
+        head = fp.read(12)
+        if head[:8] == _PNG_SIGNATURE:
+            pos = 8
+            while True:
+                fp.seek(pos)
+                header = fp.read(8)
+                if len(header) < 8:
+                    return True  # the file ends before IEND
+                length, kind = struct.unpack(">I4s", header)
+                if not kind.isalpha() or length > 0x7FFF_FFFF:
+                    return False  # not a chunk: garbage, not a short file
+                if pos + 12 + length > size:
+                    return True
+                payload = fp.read(length)
+                (crc,) = struct.unpack(">I", fp.read(4))
+                if zlib.crc32(kind + payload) != crc:
+                    return False  # whole but damaged
+                if kind == b"IEND":
+                    return False
+                pos += 12 + length
+        if head[:3] == b"\xff\xd8\xff":
+            return _jpeg_headers_cut_off(fp, size)
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            (riff_size,) = struct.unpack("<I", head[4:8])
+            return bool(riff_size + 8 > size)
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+# JPEG APPn segments whose payload starts with a known identifier (a prefix of it if the file ends
+# first); random bytes after an SOI marker rarely pass, a real header cut short does.
+_JPEG_APP_IDS = {0xE0: (b"JFIF\0", b"JFXX\0"), 0xE1: (b"Exif\0", b"http:"), 0xE2: (b"ICC_PROFILE\0", b"MPF\0")}
+
+
+def _jpeg_headers_cut_off(fp: BinaryIO, size: int) -> bool | None:
+    """Walk a JPEG's marker segments up to its scan: True if one runs past the end of the file."""
+    pos = 2
+    while True:
+        fp.seek(pos)
+        marker = fp.read(4)
+        if len(marker) < 4:
+            return True  # the file ends between segments, before any scan
+        if marker[0] != 0xFF or not 0xC0 <= marker[1] <= 0xFE:
+            return False
+        code = marker[1]
+        if code == 0xDA:
+            return None  # the scan: Pillow's messages decide
+        if code == 0xD9:
+            return False
+        length = (marker[2] << 8) | marker[3]
+        if length < 2:
+            return False
+        ids = _JPEG_APP_IDS.get(code)
+        if ids is not None:
+            start = fp.read(min(length - 2, 12))
+            if not any(ident.startswith(start[: len(ident)]) for ident in ids):
+                return False
+        if pos + 2 + length > size:
+            return True
+        pos += 2 + length
+
+
+def _classify_decode_error(exc: BaseException, stage: str, fp: BinaryIO | None = None) -> ImageResult:
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return _fail("decompression_bomb", str(exc))
     text = str(exc)
     if isinstance(exc, ValueError) and "decompressed data too large" in text.lower():
         # Pillow's cap on compressed metadata chunks (PNG text/ICC): a bomb of another kind.
         return _fail("decompression_bomb", text)
-    if isinstance(exc, EOFError) or any(m in text for m in _TRUNCATED_MESSAGES):
+    # An OSError with an errno is the storage (below); Pillow's own OSErrors carry none.
+    storage = isinstance(exc, OSError) and exc.errno is not None
+    cut_off = None if storage else _container_cut_off(fp)
+    if cut_off is True:
+        return _fail("truncated", f"{stage}: the file ends before its image data does ({text or type(exc).__name__})")
+    if cut_off is None and (isinstance(exc, EOFError) or any(m in text for m in _TRUNCATED_MESSAGES)):
         return _fail("truncated", f"{stage}: {text or type(exc).__name__}")
     if isinstance(exc, FileNotFoundError):
         return _fail("vanished", f"file disappeared while {stage}")
     if isinstance(exc, PermissionError):
         return _fail("unreadable", f"permission denied while {stage}: {text}")
+    if isinstance(exc, OSError) and exc.errno in _IO_ERRNOS:
+        # The storage failed, not the image: the worker's library check decides whether it is offline.
+        return _fail("unreadable", f"I/O error while {stage}: {exc.strerror or text}")
     return _fail("corrupt", f"{stage}: {type(exc).__name__}: {text}")
 
 
 def process_image(
-    path: str, *, max_file_bytes: int, max_image_pixels: int, trainer: Trainer | None = None
+    path: str,
+    *,
+    max_file_bytes: int,
+    max_image_pixels: int,
+    trainer: Trainer | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> ImageResult:
     """Decode `path` once and return its dHash, original size, format and trainer features.
+
+    `roots`: the library roots the file must be opened within (the pool always passes them); None
+    opens the path as given (direct calls in tests and benchmarks).
 
     Never raises for anything the file can do (only KeyboardInterrupt / SystemExit pass through);
     every failure is `ImageResult(ok=False, error_class=...)`. Meant to run in a pool process.
     """
     try:
-        return _process(path, max_file_bytes, max_image_pixels, trainer)
+        return _process(path, max_file_bytes, max_image_pixels, trainer, roots)
     except Exception as exc:  # last resort: a bug here must fail one image, not the pool
         return _fail("internal", f"{type(exc).__name__}: {exc}")
 
 
-def _process(path: str, max_file_bytes: int, max_image_pixels: int, trainer: Trainer | None) -> ImageResult:
-    configure_pillow(max_image_pixels)
+def _open(path: str, roots: Sequence[Path] | None) -> int | ImageResult:
+    """The opened file's descriptor, or the failure that kept it closed."""
     try:
-        st = os.stat(path)
+        if roots is None:
+            return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        return open_within(path, roots)
     except FileNotFoundError:
         return _fail("vanished", "file no longer exists")
+    except (OutsideRoots, PathChanged, NotRegularFile) as exc:
+        return _fail("unreadable", str(exc.strerror))
     except PermissionError as exc:
         return _fail("unreadable", f"permission denied: {exc.strerror}")
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        return _fail("unreadable", f"cannot stat: {getattr(exc, 'strerror', None) or exc}")
-    if not stat.S_ISREG(st.st_mode):
+    except IsADirectoryError:
         return _fail("unreadable", "not a regular file")
-    if st.st_size == 0:
-        return _fail("empty", "file is empty (0 bytes)")
-    if st.st_size > max_file_bytes:
-        return _fail("too_large", f"file is {st.st_size} bytes; the limit is {max_file_bytes}")
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        return _fail("unreadable", f"cannot open: {getattr(exc, 'strerror', None) or exc}")
 
+
+def _process(
+    path: str, max_file_bytes: int, max_image_pixels: int, trainer: Trainer | None, roots: Sequence[Path] | None
+) -> ImageResult:
+    configure_pillow(max_image_pixels)
+    opened = _open(path, roots)
+    if isinstance(opened, ImageResult):
+        return opened
+    try:
+        st = os.fstat(opened)
+    except OSError as exc:
+        os.close(opened)
+        return _fail("unreadable", f"cannot stat: {exc.strerror or exc}")
+    if not stat.S_ISREG(st.st_mode):
+        os.close(opened)
+        return _fail("unreadable", "not a regular file")
+    with os.fdopen(opened, "rb") as fp:
+        if st.st_size == 0:
+            return _fail("empty", "file is empty (0 bytes)")
+        if st.st_size > max_file_bytes:
+            return _fail("too_large", f"file is {st.st_size} bytes; the limit is {max_file_bytes}")
+        # The whole file once: the digest and the decoder read the same bytes (a decode reads them
+        # all anyway), so a file that changes meanwhile cannot get one's hash and the other's digest.
+        try:
+            data = fp.read(max_file_bytes + 1)
+        except OSError as exc:
+            return _classify_decode_error(exc, "reading the file")
+        if len(data) > max_file_bytes:
+            return _fail("too_large", f"file grew past the limit of {max_file_bytes} bytes while it was read")
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        result = _decode(io.BytesIO(data), path, max_image_pixels, trainer)
+        return dataclasses.replace(result, content_digest=digest) if result.ok else result
+
+
+def _decode(fp: BinaryIO, path: str, max_image_pixels: int, trainer: Trainer | None) -> ImageResult:
     formats = allowed_formats(path)
     try:
-        image = Image.open(path, formats=formats)
-    except FileNotFoundError:
-        return _fail("vanished", "file no longer exists")
-    except PermissionError as exc:
-        return _fail("unreadable", f"permission denied: {exc.strerror}")
+        image = Image.open(fp, formats=formats)
     except UnidentifiedImageError:
-        found = _sniff_format(path, formats)
+        if _container_cut_off(fp):
+            return _fail("truncated", "reading the header: the file ends before its header does")
+        found = _sniff_format(fp, formats)
         ext = os.path.splitext(path)[1].lower() or "(no extension)"
         if found is not None and found not in formats:
             return _fail(
@@ -241,7 +392,7 @@ def _process(path: str, max_file_bytes: int, max_image_pixels: int, trainer: Tra
             )
         return _fail("corrupt", f"not a valid {'/'.join(formats)} image: the content is not recognisable")
     except _DECODE_ERRORS as exc:
-        return _classify_decode_error(exc, "reading the header")
+        return _classify_decode_error(exc, "reading the header", fp)
 
     with image:
         width, height = image.size  # the original size: draft() below shrinks image.size
@@ -264,7 +415,7 @@ def _process(path: str, max_file_bytes: int, max_image_pixels: int, trainer: Tra
         except MemoryError:
             return _fail("too_large", f"out of memory while {stage}", width=width, height=height, format=fmt)
         except _DECODE_ERRORS as exc:
-            failed = _classify_decode_error(exc, stage)
+            failed = _classify_decode_error(exc, stage, fp)
             return _fail(failed.error_class, failed.error_message, width=width, height=height, format=fmt)
         features = None
         if trainer is not None:

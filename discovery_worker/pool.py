@@ -46,6 +46,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from discovery_worker.hashing import ImageResult, configure_pillow, process_image
@@ -92,6 +93,7 @@ class PoolClosedError(RuntimeError):
 # ---- inside a pool process -------------------------------------------------------------------
 
 _limits: tuple[int, int] = (0, 0)
+_roots: tuple[Path, ...] | None = None
 _trainer: Trainer | None = None
 _trainer_error: str | None = None
 
@@ -109,8 +111,14 @@ def _watch_parent(lifeline: Connection) -> None:
     os._exit(0)
 
 
-def _init_process(lifeline: Connection, max_file_bytes: int, max_image_pixels: int, trainer_spec: str) -> None:
-    global _limits, _trainer, _trainer_error
+def _init_process(
+    lifeline: Connection,
+    max_file_bytes: int,
+    max_image_pixels: int,
+    trainer_spec: str,
+    roots: tuple[Path, ...] | None = None,
+) -> None:
+    global _limits, _roots, _trainer, _trainer_error
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(AttributeError, OSError):  # no os.nice on Windows
         os.nice(PROCESS_NICENESS)
@@ -121,6 +129,7 @@ def _init_process(lifeline: Connection, max_file_bytes: int, max_image_pixels: i
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
     configure_pillow(max_image_pixels)
     _limits = (max_file_bytes, max_image_pixels)
+    _roots = roots
     try:
         _trainer = load_trainer(trainer_spec)
     except ValueError as exc:
@@ -137,7 +146,7 @@ def _probe() -> str | None:
 def _work(path: str) -> ImageResult:
     if _trainer_error is not None:
         raise TrainerLoadError(_trainer_error)
-    return process_image(path, max_file_bytes=_limits[0], max_image_pixels=_limits[1], trainer=_trainer)
+    return process_image(path, max_file_bytes=_limits[0], max_image_pixels=_limits[1], trainer=_trainer, roots=_roots)
 
 
 def _work_group(paths: list[str]) -> tuple[list[ImageResult], float]:
@@ -189,6 +198,7 @@ class TrainingPool:
         max_image_pixels: int,
         trainer_spec: str,
         item_timeout: float = ITEM_TIMEOUT_SECONDS,
+        roots: Sequence[Path] | None = None,
     ) -> None:
         if size < 0:
             raise ValueError(f"pool size must be >= 0 (0: one process per CPU), not {size}")
@@ -200,6 +210,8 @@ class TrainingPool:
         self.max_image_pixels = max_image_pixels
         self.trainer_spec = trainer_spec
         self.item_timeout = item_timeout
+        # Files are opened within these (never through a symlink out of them); None: as given (tests).
+        self.roots = None if roots is None else tuple(roots)
         # Smoothed seconds of work per image, from the groups' own timing: sizes the next groups.
         self.item_seconds = 0.05
         # Counters for logs and tests: processes that died, generations started.
@@ -286,7 +298,7 @@ class TrainingPool:
             max_workers=self.size,
             mp_context=self._ctx,
             initializer=_init_process,
-            initargs=(lifeline[0], self.max_file_bytes, self.max_image_pixels, self.trainer_spec),
+            initargs=(lifeline[0], self.max_file_bytes, self.max_image_pixels, self.trainer_spec, self.roots),
         )
         gen = _Generation(executor=executor, number=number, lifeline=lifeline)
         try:

@@ -1,9 +1,5 @@
-"""The worker's gRPC server: DiscoveryWorkerService plus health and reflection (imagetraining.rpc).
-
-StreamSessionEvents arrives with the streaming issue: until then the servicer here answers
-UNIMPLEMENTED. The seam is `start_worker_server(..., servicer=...)`: pass the real servicer and
-nothing else changes.
-"""
+"""The worker's gRPC server: DiscoveryWorkerService (StreamSessionEvents, `streams.py`) plus health
+and reflection, started by `imagetraining.rpc.start_server` like the control service's."""
 
 from __future__ import annotations
 
@@ -17,26 +13,11 @@ from imagetraining.v1 import discovery_worker_service_pb2 as wpb
 from imagetraining.v1 import discovery_worker_service_pb2_grpc as wgrpc
 
 
-class PlaceholderWorkerServicer(wgrpc.DiscoveryWorkerServiceServicer):
-    """Answers UNIMPLEMENTED until the progress streams are built."""
-
-    async def StreamSessionEvents(  # type: ignore[override]  # a context.write-style handler
-        self, request: wpb.StreamSessionEventsRequest, context: grpc.aio.ServicerContext
-    ) -> None:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "StreamSessionEvents is not available on this worker yet: read progress with GetSessionProgress",
-        )
-
-
-async def start_worker_server(
-    settings: Settings, servicer: wgrpc.DiscoveryWorkerServiceServicer | None = None
-) -> ServerHandle:
+async def start_worker_server(settings: Settings, servicer: wgrpc.DiscoveryWorkerServiceServicer) -> ServerHandle:
     """Start the server on settings.worker_address (port 0: any free port; see `handle.port`)."""
-    impl = servicer if servicer is not None else PlaceholderWorkerServicer()
 
     def add(server: grpc.aio.Server) -> None:
-        wgrpc.add_DiscoveryWorkerServiceServicer_to_server(impl, server)
+        wgrpc.add_DiscoveryWorkerServiceServicer_to_server(servicer, server)
 
     return await start_server(
         settings.worker_address, settings, add, [wpb.DESCRIPTOR.services_by_name["DiscoveryWorkerService"]]

@@ -10,12 +10,10 @@ forgets the session, so the next caller is told to look the owner up again.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 
 from discovery_worker import claims
 from discovery_worker.claims import SEQUENCE_BLOCK, Claim
@@ -29,9 +27,6 @@ from imagetraining.streaming import pump
 from imagetraining.v1 import discovery_worker_service_pb2 as wpb
 from imagetraining.v1 import discovery_worker_service_pb2_grpc as wgrpc
 from imagetraining.v1 import resources_pb2 as pb
-
-# Weight of the newest interval in the smoothed images-per-second figure.
-RATE_SMOOTHING = 0.3
 
 
 class SessionStreams:
@@ -86,8 +81,6 @@ class StreamObserver:
             min_interval=streams.min_interval,
             heartbeat_interval=streams.heartbeat_interval,
         )
-        self._rate = 0.0
-        self._last: tuple[float, int] | None = None
         if claim.row:
             self._load(claim.row)
         streams.register(claim.session_id, self.events)
@@ -96,30 +89,10 @@ class StreamObserver:
     async def _reserve(self) -> int:
         return await claims.reserve_sequences(self.streams.db, self.claim)
 
-    def _training(self, row: Mapping[str, Any]) -> pb.TrainingProgress:
-        """The row's counters with a smoothed rate over this claim's time (paused time never counts)."""
-        progress = convert.training_progress(row)
-        done = progress.processed_images + progress.failed_images + progress.skipped_images
-        now = time.monotonic()
-        if self._last is not None:
-            seconds = now - self._last[0]
-            delta = done - self._last[1]
-            if seconds > 0 and delta >= 0:
-                sample = delta / seconds
-                self._rate = sample if self._rate == 0 else RATE_SMOOTHING * sample + (1 - RATE_SMOOTHING) * self._rate
-        if self._last is None or done != self._last[1]:
-            self._last = (now, done)
-        progress.images_per_second = self._rate
-        progress.ClearField("eta")
-        if not progress.indeterminate and self._rate > 0:
-            remaining = max(progress.total_images - done, 0)
-            progress.eta.CopyFrom(Duration(seconds=round(remaining / self._rate)))
-        return progress
-
     def _load(self, row: Mapping[str, Any]) -> None:
         """Take the row's counters without publishing (the first message, at start, carries them)."""
         self.events.discovery_progress = convert.discovery_progress(row)
-        self.events.training_progress = self._training(row)
+        self.events.training_progress = convert.training_progress(row)
         if row.get("state") == "running":
             self.events.discovery_progress.current_directory = ""
 
@@ -127,11 +100,17 @@ class StreamObserver:
         if row.get("state") == "discovering":
             self.events.discovery(convert.discovery_progress(row))
         else:
-            self.events.training(self._training(row))
+            self.events.training(convert.training_progress(row))
 
     def state(self, state: str, reason: str, row: Mapping[str, Any]) -> None:
         self._load(row)
         self.events.set_state(convert.SESSION_STATE_TO_PROTO[state], reason)
+
+    def acknowledge(self, event_sequence: int) -> None:
+        self.events.acknowledge(event_sequence)
+
+    def sequence_seen(self, value: int) -> None:
+        self.events.note_row_sequence(value)
 
     async def close(self) -> None:
         self.streams.unregister(self.claim.session_id, self.events)

@@ -16,6 +16,16 @@ batch loop and the training loop check it between transactions and while the poo
 write is fenced anyway (claims.fence), so a runner that is slow to notice cannot commit anything.
 On a stop the runner writes nothing about the state; it hands the lease back (fenced) so that, on
 resume or after a shutdown, any worker picks the session up at once.
+
+Faults a runner tells apart (docs/architecture.md, "Failure behaviour"):
+- the database briefly unavailable, full, restarting, or a lost race (`imagetraining.db.faults`):
+  the phase is retried with backoff under the same claim (heartbeats keep the lease, the walk
+  resumes from its checkpoint); not a crash, no attempt counted;
+- the library offline (`discovery_worker.library.LibraryOffline`: a root, a selected directory or a
+  mount point under them missing, unreadable or replaced): the session is paused with the path in
+  its reason, nothing of the interrupted batch or chunk is written, and ResumeSession finishes it;
+- anything else is a crash: the attempt stays counted, the session is handed back, and this worker
+  leaves it to others for a growing cool-down so it never re-claims it in a tight loop.
 """
 
 from __future__ import annotations
@@ -32,20 +42,70 @@ from dataclasses import dataclass
 from typing import Any
 
 from discovery_worker import claims
-from discovery_worker.claims import Claim, RunContext, RunObserver, StopSignal, fault_point
-from discovery_worker.discovery import FenceLost, run_discovery
+from discovery_worker.claims import Claim, FenceLost, RunContext, RunObserver, StopSignal
+from discovery_worker.discovery import run_discovery
+from discovery_worker.faultpoints import fault_point
+from discovery_worker.library import LibraryOffline
 from discovery_worker.pool import TrainingPool
-from discovery_worker.training import Trainer
+from discovery_worker.training import TrainingRun
+from imagetraining.db import faults
 from imagetraining.db.engine import Database
 from imagetraining.notifications import listen_forever
 from imagetraining.settings import Settings
 
-log = logging.getLogger("discovery_worker")
+log = logging.getLogger(__name__)
 
 # How often a runner re-reads its session row (pause / cancel / delete / takeover are seen this fast).
 WATCH_SECONDS = 0.25
 # How long shutdown waits for runners to reach a checkpoint and hand their sessions back.
 STOP_TIMEOUT_SECONDS = 10.0
+# Backoff of a phase retried after a transient database error: first wait, then doubled up to the cap.
+RETRY_FIRST_SECONDS = 0.2
+RETRY_MAX_SECONDS = 5.0
+# A session whose runner crashed here is left to other workers for this long, doubled per crash.
+COOLDOWN_FIRST_SECONDS = 1.0
+COOLDOWN_MAX_SECONDS = 60.0
+# A repeated warning (database away) is logged once, then at most this often.
+WARN_EVERY_SECONDS = 30.0
+
+
+class _Warnings:
+    """Log a repeating warning once, then at most every WARN_EVERY_SECONDS (a database outage would
+    otherwise write four lines a second per session)."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self.suppressed = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            message += f" ({self.suppressed} similar since)"
+        log.warning(message, *args)
+        self._next = now + WARN_EVERY_SECONDS
+        self.suppressed = 0
+
+    def clear(self) -> None:
+        self._next = 0.0
+        self.suppressed = 0
+
+
+def worker_idle_timeout(settings: Settings) -> float:
+    """How long PostgreSQL lets one of this worker's transactions sit idle before ending it.
+
+    Half the lease (at least 2 s): a worker frozen inside a fenced write loses its row lock before
+    its lease runs out, so another worker can take the session over at lease expiry.
+    """
+    return max(2.0, settings.lease_seconds / 2)
+
+
+def worker_lock_timeout(settings: Settings) -> float:
+    """How long a worker statement waits for a row lock: a third of the lease (at least 1 s), so a
+    heartbeat stuck behind a long batch fails and is retried well before the lease runs out."""
+    return max(1.0, settings.lease_seconds / 3)
 
 
 def default_worker_id() -> str:
@@ -60,6 +120,13 @@ class SessionRunner:
         self.claim = claim
         self.stop = StopSignal()
         self._poke = asyncio.Event()
+        self._hb_warnings = _Warnings()
+        self._watch_warnings = _Warnings()
+        self._db_warnings = _Warnings()
+        # Set when the runner ended by a crash (not a stop, not a finish): the worker cools down.
+        self.crashed = False
+        # False once the runner wrote the session's end itself (finished, failed, paused offline).
+        self._hand_back_at_end = True
         self.ctx = RunContext(
             db=worker.db,
             claim=claim,
@@ -86,8 +153,9 @@ class SessionRunner:
             try:
                 alive = await claims.heartbeat(self.worker.db, self.claim, settings.lease_seconds)
             except Exception as exc:  # database away: keep trying; the lease lapses if it stays away
-                log.warning("%s: heartbeat failed: %s", self.name, exc)
+                self._hb_warnings.warn("%s: heartbeat failed: %s", self.name, faults.describe(exc))
                 continue
+            self._hb_warnings.clear()
             if not alive:
                 self.stop.set("lease lost")
                 return
@@ -98,10 +166,13 @@ class SessionRunner:
                 await asyncio.wait_for(self._poke.wait(), WATCH_SECONDS)
             self._poke.clear()
             try:
-                owned, state = await claims.still_owned(self.worker.db, self.claim)
+                owned, state, sequence = await claims.watch_row(self.worker.db, self.claim)
             except Exception as exc:
-                log.warning("%s: state check failed: %s", self.name, exc)
+                self._watch_warnings.warn("%s: state check failed: %s", self.name, faults.describe(exc))
                 continue
+            self._watch_warnings.clear()
+            if self.ctx.observer is not None:
+                self.ctx.observer.sequence_seen(sequence)
             if not owned:
                 self.stop.set(state)
                 return
@@ -112,49 +183,9 @@ class SessionRunner:
             asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.claim.session_id}"),
             asyncio.create_task(self._watch(), name=f"watch-{self.claim.session_id}"),
         ]
-        handed_back = True
         try:
             fault_point("after_claim")
-            if self.claim.state == "discovering":
-                state, total, totals, last = await run_discovery(self.ctx)
-                if state == "stopped":
-                    return
-                counts = (
-                    f"{last.directories_scanned} directories, {last.files_seen} files, "
-                    f"{last.images_found} images, {last.unreadable} unreadable"
-                    if last is not None
-                    else ""
-                )
-                if state == "failed":
-                    handed_back = False
-                    log.info("%s: discovery found no images (%s) -> failed", self.name, counts)
-                    return
-                log.info(
-                    "%s: discovery done in %.1fs: %s (this pass: %d new, %d changed, %d unchanged) -> running, %d jobs",
-                    self.name,
-                    time.monotonic() - started,
-                    counts,
-                    totals.new,
-                    totals.changed,
-                    totals.unchanged,
-                    total,
-                )
-            final = await Trainer(self.ctx, self.worker.pool).run()
-            if final is None:
-                return
-            handed_back = False
-            failures = ", ".join(f"{k or 'unknown'} {v}" for k, v in final["failures"].items()) or "none"
-            log.info(
-                "%s: %s in %.1fs: %d processed, %d failed (%s), %d skipped of %d",
-                self.name,
-                final["state"],
-                time.monotonic() - started,
-                final["processed_images"],
-                final["failed_images"],
-                failures,
-                final["skipped_images"],
-                final["total_images"],
-            )
+            await self._run_phases(started)
         except FenceLost:
             try:
                 _owned, why = await claims.still_owned(self.worker.db, self.claim)
@@ -162,23 +193,125 @@ class SessionRunner:
                 why = "the session changed under this worker"
             self.stop.set(why)
         except Exception:
-            # Not a stop: the attempt stays counted, so a session that keeps breaking its worker ends
+            # Not a stop: the attempt stays counted, so a session that keeps breaking its workers ends
             # `failed` after IMAGETRAINING_MAX_ATTEMPTS claims.
             log.exception("%s: runner failed; handing the session back", self.name)
-            handed_back = False
+            self.crashed = True
+            self._hand_back_at_end = False
             with contextlib.suppress(Exception):
                 await claims.release(self.worker.db, self.claim, graceful=False)
         finally:
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            if handed_back:
+            if self._hand_back_at_end:
                 await self._hand_back()
             if self.ctx.observer is not None:
                 try:
                     await self.ctx.observer.close()
                 except Exception:
                     log.exception("%s: progress observer failed to close", self.name)
+
+    async def _run_phases(self, started: float) -> None:
+        """Run phases until the session ends or the runner must stop; retry transient database errors.
+
+        A retry starts the phase again from what is committed (the walk from its checkpoint, training
+        from the pending jobs): nothing of the failed transaction was written, so nothing is counted
+        twice. The claim is kept meanwhile: heartbeats extend the lease while the database answers,
+        and if it stays away longer than the lease, fencing makes sure this runner writes nothing.
+        """
+        backoff = RETRY_FIRST_SECONDS
+        while not self.stop.is_set():
+            try:
+                if await self._phase(started):
+                    return
+                backoff = RETRY_FIRST_SECONDS
+                self._db_warnings.clear()
+            except LibraryOffline as offline:
+                await self._pause_offline(offline)
+                return
+            except Exception as exc:
+                if not faults.is_transient(exc):
+                    raise
+                self._db_warnings.warn(
+                    "%s: database unavailable (%s); retrying with backoff, not counted as a crash",
+                    self.name,
+                    faults.describe(exc),
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.event.wait(), backoff)
+                backoff = min(backoff * 2, RETRY_MAX_SECONDS)
+
+    async def _phase(self, started: float) -> bool:
+        """Run the phase the session is in now; True when the runner is done (finished or stopped)."""
+        owned, state = await claims.still_owned(self.worker.db, self.claim)
+        if not owned:
+            self.stop.set(state)
+            return True
+        if state == "discovering":
+            result, total, totals, last = await run_discovery(self.ctx)
+            if result == "stopped":
+                return True
+            counts = (
+                f"{last.directories_scanned} directories, {last.files_seen} files, "
+                f"{last.images_found} images, {last.unreadable} unreadable"
+                if last is not None
+                else ""
+            )
+            if result == "failed":
+                self._hand_back_at_end = False
+                log.info("%s: discovery found no images (%s) -> failed", self.name, counts)
+                return True
+            log.info(
+                "%s: discovery done in %.1fs: %s (this pass: %d new, %d changed, %d unchanged) -> running, %d jobs",
+                self.name,
+                time.monotonic() - started,
+                counts,
+                totals.new,
+                totals.changed,
+                totals.unchanged,
+                total,
+            )
+            return False
+        final = await TrainingRun(self.ctx, self.worker.pool).run()
+        if final is None:
+            return True
+        self._hand_back_at_end = False
+        failures = ", ".join(f"{k or 'unknown'} {v}" for k, v in final["failures"].items()) or "none"
+        log.info(
+            "%s: %s in %.1fs: %d processed, %d failed (%s), %d skipped of %d",
+            self.name,
+            final["state"],
+            time.monotonic() - started,
+            final["processed_images"],
+            final["failed_images"],
+            failures,
+            final["skipped_images"],
+            final["total_images"],
+        )
+        return True
+
+    async def _pause_offline(self, offline: LibraryOffline) -> None:
+        """The library went away: pause the session with the path in its reason (fenced), retrying
+        while the database is away. Nothing of the interrupted batch or chunk was written."""
+        backoff = RETRY_FIRST_SECONDS
+        while not self.stop.is_set():
+            try:
+                row = await claims.pause_offline(self.worker.db, self.claim, offline.reason)
+            except Exception as exc:
+                if not faults.is_transient(exc):
+                    raise
+                self._db_warnings.warn("%s: cannot record the pause (%s); retrying", self.name, faults.describe(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.event.wait(), backoff)
+                backoff = min(backoff * 2, RETRY_MAX_SECONDS)
+                continue
+            if row is None:
+                raise FenceLost
+            self._hand_back_at_end = False
+            log.warning("%s: %s", self.name, offline.reason)
+            self.ctx.state(row)
+            return
 
     async def _hand_back(self) -> None:
         reason = self.stop.reason or "stopped"
@@ -216,6 +349,9 @@ class Worker:
         self.worker_id = settings.worker_id or default_worker_id()
         self.runners: dict[int, SessionRunner] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        # session id -> (monotonic time until which this worker leaves it alone, crashes in a row here)
+        self._cooldown: dict[int, tuple[float, int]] = {}
+        self._claim_warnings = _Warnings()
         self._wake = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
@@ -247,8 +383,9 @@ class Worker:
             self._wake.clear()
             try:
                 await self._fill()
+                self._claim_warnings.clear()
             except Exception as exc:
-                log.warning("claiming failed: %s", exc)
+                self._claim_warnings.warn("claiming failed: %s", faults.describe(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
 
@@ -257,7 +394,7 @@ class Worker:
             for session_id, attempts in await claims.fail_exhausted(self.db, self.settings.max_attempts):
                 log.warning("session %d: worker crashed %d times on this session -> failed", session_id, attempts)
             claim = await claims.claim_one(
-                self.db, self.worker_id, self.address, self.settings.lease_seconds, busy=list(self.runners)
+                self.db, self.worker_id, self.address, self.settings.lease_seconds, busy=self._busy()
             )
             if claim is None:
                 return
@@ -277,11 +414,28 @@ class Worker:
             self._tasks[claim.session_id] = task
             task.add_done_callback(self._on_done(claim.session_id, runner))
 
+    def _busy(self) -> list[int]:
+        """Sessions not to claim now: those with a runner here, and those cooling down after a crash."""
+        now = time.monotonic()
+        for sid in [sid for sid, (until, _n) in self._cooldown.items() if until <= now and sid not in self.runners]:
+            # Expired: claimable again, but the crash count stays until the session runs cleanly here.
+            self._cooldown[sid] = (0.0, self._cooldown[sid][1])
+        return sorted({*self.runners, *(sid for sid, (until, _n) in self._cooldown.items() if until > now)})
+
     def _on_done(self, session_id: int, runner: SessionRunner) -> Any:
         def finished(_task: asyncio.Task[None]) -> None:
             if self.runners.get(session_id) is runner:
                 del self.runners[session_id]
                 self._tasks.pop(session_id, None)
+            if runner.crashed:
+                crashes = self._cooldown.get(session_id, (0.0, 0))[1] + 1
+                delay = min(COOLDOWN_FIRST_SECONDS * 2 ** (crashes - 1), COOLDOWN_MAX_SECONDS)
+                self._cooldown[session_id] = (time.monotonic() + delay, crashes)
+                log.info(
+                    "session %d: left to other workers for %.0f s after %d crash(es) here", session_id, delay, crashes
+                )
+            else:
+                self._cooldown.pop(session_id, None)
             self._wake.set()
 
         return finished
@@ -346,7 +500,13 @@ async def run_worker(
 
     settings.validate_worker()
     url = await resolve_url(settings)
-    db = Database.connect(url, pool_size=max(4, 2 * settings.max_sessions_per_worker + 2), custom_plans=True)
+    db = Database.connect(
+        url,
+        pool_size=max(4, 2 * settings.max_sessions_per_worker + 2),
+        custom_plans=True,
+        lock_timeout=worker_lock_timeout(settings),
+        idle_in_transaction_timeout=worker_idle_timeout(settings),
+    )
     try:
         if migrate:
             await upgrade(db.engine)
@@ -355,18 +515,22 @@ async def run_worker(
             max_file_bytes=settings.max_file_bytes,
             max_image_pixels=settings.max_image_pixels,
             trainer_spec=settings.trainer,
+            roots=settings.library_roots,
         )
         await pool.start()
     except BaseException:
         await db.dispose()
         raise
     streams: SessionStreams | None = None
-    if servicer is None and observe is None:
+    if servicer is None:
+        # With a custom `observe` (tests) the registry stays empty: every caller is told the session
+        # is not owned here, as the contract says for a worker that serves no stream of it.
         streams = SessionStreams(
             db, max_subscribers=settings.max_subscribers, idle_seconds=settings.subscriber_idle_seconds
         )
         servicer = DiscoveryWorkerServicer(streams, write_timeout=settings.subscriber_idle_seconds)
-        observe = streams.observe
+        if observe is None:
+            observe = streams.observe
     try:
         server = await start_worker_server(settings, servicer)
     except BaseException:

@@ -16,9 +16,10 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from imagetraining.db.models import JobState, SessionState
+from imagetraining.duplicates import NEAR_DUPLICATE_DISTANCE_DEFAULT
 from imagetraining.formats import DEFAULT_EXTENSIONS
 from imagetraining.names import job_name, session_name
+from imagetraining.states import ACTIVE_STATES, TERMINAL_STATES, JobState, SessionState
 from imagetraining.v1 import resources_pb2 as pb
 
 Row = Mapping[Any, Any]
@@ -33,6 +34,9 @@ SESSION_STATE_TO_PROTO: dict[str, pb.SessionState.ValueType] = {
     SessionState.FAILED: pb.SESSION_STATE_FAILED,
 }
 SESSION_STATE_FROM_PROTO: dict[int, SessionState] = {v: SessionState(k) for k, v in SESSION_STATE_TO_PROTO.items()}
+# states.TERMINAL_STATES and ACTIVE_STATES as protobuf enum values (the relay, the CLI).
+TERMINAL_PROTO: frozenset[int] = frozenset(SESSION_STATE_TO_PROTO[s] for s in TERMINAL_STATES)
+ACTIVE_PROTO: frozenset[int] = frozenset(SESSION_STATE_TO_PROTO[s] for s in ACTIVE_STATES)
 
 JOB_STATE_TO_PROTO: dict[str, pb.JobState.ValueType] = {
     JobState.PENDING: pb.JOB_STATE_PENDING,
@@ -64,7 +68,12 @@ def config_to_proto(config: Mapping[str, Any] | None) -> pb.SessionConfig:
         extensions=list(config.get("extensions") or DEFAULT_EXTENSIONS),
         recursive=bool(config.get("recursive", True)),
         batch_size=int(config.get("batch_size") or 0),
+        near_duplicate_distance=int(config.get("near_duplicate_distance", NEAR_DUPLICATE_DISTANCE_DEFAULT)),
+        skip_near_duplicates=bool(config.get("skip_near_duplicates", False)),
     )
+
+
+_RUNNING_STATES = (SessionState.DISCOVERING, SessionState.RUNNING)
 
 
 def _finite(value: float) -> float:
@@ -72,11 +81,15 @@ def _finite(value: float) -> float:
 
 
 def training_progress(row: Row) -> pb.TrainingProgress:
-    """Counters, percentage, rate and ETA of a session row.
+    """Counters, percentage, rate and ETA of a session row: the one formula every message uses
+    (GetSession, GetSessionProgress, the worker's stream, the relay's row messages).
 
-    While the total is not final the percentage and ETA are absent and `indeterminate` is true; with a
-    final total of zero there is nothing to divide by, so the percentage stays absent but the total
-    is not indeterminate.
+    The rate is images finished per second of training (`training_seconds` adds up the time the
+    session's workers spent training, so paused and queued time never count); the ETA is what
+    remains at that rate, and only while the session runs (a paused or ended session has none).
+    While the total is not final the percentage and ETA are absent and `indeterminate` is true; with
+    a final total of zero there is nothing to divide by, so the percentage stays absent but the
+    total is not indeterminate.
     """
     final = bool(row["total_final"])
     found = int(row["images_found"])
@@ -99,7 +112,7 @@ def training_progress(row: Row) -> pb.TrainingProgress:
     if final and total > 0:
         progress.percentage = min(100.0, max(0.0, done / total * 100.0))
         remaining = max(total - done, 0)
-        if rate > 0:
+        if rate > 0 and row.get("state", SessionState.RUNNING) in _RUNNING_STATES:
             progress.eta.CopyFrom(Duration(seconds=math.ceil(remaining / rate)))
     return progress
 
@@ -171,6 +184,9 @@ def job_to_proto(row: Row) -> pb.Job:
         height=int(row.get("height") or 0),
         format=row.get("format") or "",
         asset_id=int(row["asset_id"]),
+        duplicate_of=row.get("duplicate_of") or "",
+        near_duplicate_of=row.get("near_duplicate_of") or "",
+        near_duplicate_distance=int(row.get("near_duplicate_distance") or 0),
     )
     for field in ("create_time", "update_time"):
         ts = timestamp(row.get(field))
@@ -185,30 +201,61 @@ def _now_timestamp() -> Timestamp:
     return ts
 
 
+def event(
+    name: str,
+    sequence: int,
+    kind: int,
+    state: int,
+    state_reason: str,
+    discovery: pb.DiscoveryProgress,
+    training: pb.TrainingProgress,
+    *,
+    session: pb.Session | None = None,
+    stamped: bool = True,
+) -> pb.SessionEvent:
+    """The one place a SessionEvent is built: every message carries the cumulative state.
+
+    The worker's stream, the relay's row messages and snapshots, and the CLI's polling fallback all
+    come through here, so no kind of message can leave a field out.
+    """
+    message = pb.SessionEvent(
+        name=name,
+        sequence=sequence,
+        kind=kind,  # type: ignore[arg-type]
+        state=state,  # type: ignore[arg-type]
+        state_reason=state_reason,
+        discovery=discovery,
+        training=training,
+    )
+    if stamped:
+        message.event_time.CopyFrom(_now_timestamp())
+    if session is not None:
+        message.session.CopyFrom(session)
+    return message
+
+
 def session_event(row: Row, sequence: int, kind: pb.EventKind.ValueType) -> pb.SessionEvent:
     """A stream message carrying the cumulative state of a session row at `sequence`."""
-    return pb.SessionEvent(
-        name=session_name(int(row["id"])),
-        sequence=sequence,
-        event_time=_now_timestamp(),
-        kind=kind,
-        state=SESSION_STATE_TO_PROTO[row["state"]],
-        state_reason=row["state_reason"] or "",
-        discovery=discovery_progress(row),
-        training=training_progress(row),
+    return event(
+        session_name(int(row["id"])),
+        sequence,
+        kind,
+        SESSION_STATE_TO_PROTO[row["state"]],
+        row["state_reason"] or "",
+        discovery_progress(row),
+        training_progress(row),
     )
 
 
 def snapshot_event(session: pb.Session, sequence: int) -> pb.SessionEvent:
     """The first message of WatchSession: the whole session as stored, numbered `sequence`."""
-    return pb.SessionEvent(
-        name=session.name,
-        sequence=sequence,
-        event_time=_now_timestamp(),
-        kind=pb.EVENT_KIND_SNAPSHOT,
-        state=session.state,
-        state_reason=session.state_reason,
-        discovery=session.discovery,
-        training=session.progress,
+    return event(
+        session.name,
+        sequence,
+        pb.EVENT_KIND_SNAPSHOT,
+        session.state,
+        session.state_reason,
+        session.discovery,
+        session.progress,
         session=session,
     )

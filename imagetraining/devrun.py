@@ -34,6 +34,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,6 +49,8 @@ CONTROL_SERVICE = "imagetraining.v1.TrainingSessionService"
 WORKER_SERVICE = "imagetraining.v1.DiscoveryWorkerService"
 ROOTS_VARIABLE = "IMAGETRAINING_LIBRARY_ROOTS"
 DEMO_DIR_NAME = "demo-library"
+TRAINER_VARIABLE = "IMAGETRAINING_TRAINER"
+DEMO_TRAINER = "discovery_worker.trainer:DemoTrainer"
 _DEMO_MARKER = ".generated"
 _TAIL_LINES = 20
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -152,7 +155,7 @@ def load_settings(env: dict[str, str]) -> tuple[Settings, Path | None]:
     demo: Path | None = None
     if not env.get(ROOTS_VARIABLE, "").strip():
         # Everything but the roots is validated here, to learn where the data directory is.
-        probe = Settings.from_env({**env, ROOTS_VARIABLE: os.sep})
+        probe = Settings.from_env(env, library_roots=())
         demo = ensure_demo_library(probe.data_dir)
         env[ROOTS_VARIABLE] = str(demo)
     settings = Settings.from_env(env)
@@ -206,7 +209,9 @@ def forget_dead_handles(pgdata: Path) -> None:
     if not pids_file.exists():
         return
     try:
-        from pgserver.postgres_server import PostgresServer
+        with warnings.catch_warnings():  # platformdirs' XDG_RUNTIME_DIR note: see db.engine.start_embedded
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            from pgserver.postgres_server import PostgresServer
 
         with PostgresServer._lock:
             pids = json.loads(pids_file.read_text())
@@ -417,10 +422,19 @@ async def run(ready_timeout: float) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if demo is not None:
+        paced = not env.get(TRAINER_VARIABLE, "").strip()
+        if paced:
+            env[TRAINER_VARIABLE] = DEMO_TRAINER
         print(
             f"{ROOTS_VARIABLE} is not set: using the demo library in {demo} "
             f"({demo_image_count()} images in nested folders, one exact duplicate, one non-image file). "
-            f"Set {ROOTS_VARIABLE} to use your own directories.",
+            + (
+                f"It trains at a walking pace (0.2 s per image, {DEMO_TRAINER}) so that its progress can be "
+                f"watched; set {TRAINER_VARIABLE} for another trainer. "
+                if paced
+                else ""
+            )
+            + f"Set {ROOTS_VARIABLE} to use your own directories.",
             flush=True,
         )
     env.setdefault("PYTHONUNBUFFERED", "1")

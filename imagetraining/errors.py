@@ -1,7 +1,7 @@
-"""Domain errors and their one mapping to canonical gRPC status codes with google.rpc details.
+"""API errors, one class per canonical gRPC status code, and their google.rpc details.
 
 Use cases raise these; `imagetraining.rpc.ErrorInterceptor` turns them into a `google.rpc.Status`
-with `BadRequest` / `PreconditionFailure` / `ErrorInfo` details. Nothing else in the code picks a
+with `BadRequest` / `PreconditionFailure` / `ErrorInfo` / `RetryInfo` details. Nothing else in the code picks a
 status code, so the mapping stays consistent across RPCs and services.
 """
 
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "imagetraining.v1"
@@ -30,7 +31,7 @@ class PreconditionViolation:
     description: str
 
 
-class DomainError(Exception):
+class ApiError(Exception):
     """Base of every error that reaches a client with a chosen status code."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
@@ -51,7 +52,7 @@ class DomainError(Exception):
         return status_pb2.Status(code=self.code.value[0], message=self.message, details=self.details())
 
 
-class InvalidArgument(DomainError):
+class InvalidArgument(ApiError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
@@ -77,7 +78,7 @@ class InvalidArgument(DomainError):
         return out
 
 
-class NotFound(DomainError):
+class NotFound(ApiError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"
 
@@ -96,7 +97,7 @@ class NotFound(DomainError):
         return out
 
 
-class FailedPrecondition(DomainError):
+class FailedPrecondition(ApiError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"
 
@@ -126,32 +127,54 @@ class FailedPrecondition(DomainError):
         return out
 
 
-class Aborted(DomainError):
+class Aborted(ApiError):
     code = grpc.StatusCode.ABORTED
     reason = "ABORTED"
 
 
-class AlreadyExists(DomainError):
+class AlreadyExists(ApiError):
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = "ALREADY_EXISTS"
 
 
-class ResourceExhausted(DomainError):
+class ResourceExhausted(ApiError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "RESOURCE_EXHAUSTED"
 
 
-class Unavailable(DomainError):
+# The retry hint of UNAVAILABLE answers: long enough for a restarting database or server to come
+# back in the common case, short enough that a client does not wait for nothing.
+RETRY_DELAY_SECONDS = 1.0
+
+
+class Unavailable(ApiError):
+    """A plain retry later can succeed: carries a `RetryInfo` saying when (clients and proxies honour it)."""
+
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"
 
+    def __init__(
+        self, message: str, *, metadata: dict[str, str] | None = None, retry_after: float = RETRY_DELAY_SECONDS
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_after = retry_after
 
-class Unimplemented(DomainError):
+    def details(self) -> list[any_pb2.Any]:
+        out = super().details()
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(timedelta(seconds=self.retry_after))
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        out.append(packed)
+        return out
+
+
+class Unimplemented(ApiError):
     code = grpc.StatusCode.UNIMPLEMENTED
     reason = "UNIMPLEMENTED"
 
 
-class Unauthenticated(DomainError):
+class Unauthenticated(ApiError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"
 

@@ -18,13 +18,19 @@ WatchSession subscriber. The rules that make many (and slow) subscribers safe:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
+from typing import NoReturn
 
 from imagetraining.errors import ResourceExhausted
 from imagetraining.v1 import resources_pb2 as pb
 
+log = logging.getLogger(__name__)
+
 _CONFLATABLE = frozenset({pb.EVENT_KIND_DISCOVERY_PROGRESS, pb.EVENT_KIND_TRAINING_PROGRESS, pb.EVENT_KIND_HEARTBEAT})
+# Refusals at the cap are logged at WARNING at most this often (a burst refuses thousands at once).
+REFUSAL_WARN_EVERY_SECONDS = 60.0
 
 
 class Evicted(Exception):
@@ -42,14 +48,41 @@ class SubscriberBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.count = 0
+        self.refused = 0
+        self._next_warning = 0.0
+
+    def check(self) -> None:
+        """Raise ResourceExhausted if the cap is reached, without taking a place.
+
+        A cheap early answer for a request that would be refused anyway (before any database work):
+        in a burst of stream starts, every refusal that costs less lets the process accept the
+        calls queued behind it sooner. `acquire` still decides.
+        """
+        if self.count >= self.limit:
+            self._refuse()
 
     def acquire(self) -> None:
         if self.count >= self.limit:
-            raise ResourceExhausted(
-                f"this server already serves {self.limit} progress subscribers "
-                "(IMAGETRAINING_MAX_SUBSCRIBERS); retry later or watch through another replica"
-            )
+            self._refuse()
         self.count += 1
+
+    def _refuse(self) -> NoReturn:
+        self.refused += 1
+        now = time.monotonic()
+        if now >= self._next_warning:
+            self._next_warning = now + REFUSAL_WARN_EVERY_SECONDS
+            log.warning(
+                "refusing progress subscribers with RESOURCE_EXHAUSTED: %d served, the cap "
+                "IMAGETRAINING_MAX_SUBSCRIBERS=%d is reached (%d refused so far; logged at most every %.0f s)",
+                self.count,
+                self.limit,
+                self.refused,
+                REFUSAL_WARN_EVERY_SECONDS,
+            )
+        raise ResourceExhausted(
+            f"this server already serves {self.limit} progress subscribers "
+            "(IMAGETRAINING_MAX_SUBSCRIBERS); retry later or watch through another replica"
+        )
 
     def release(self) -> None:
         self.count = max(0, self.count - 1)

@@ -30,6 +30,9 @@ async def notify(conn: AsyncConnection, session_id: int) -> None:
     await conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL, "payload": str(session_id)})
 
 
+MAX_RETRY_SECONDS = 5.0
+
+
 async def listen_forever(
     url: str,
     on_session: Callable[[int | None], None],
@@ -40,6 +43,8 @@ async def listen_forever(
     """Call `on_session(id)` per notification until cancelled; `on_session(None)` after each (re)connect.
 
     The None call means "anything may have happened while we were not listening": look at everything.
+    Failed connects back off (doubling up to MAX_RETRY_SECONDS) so that a database that is down for
+    a minute costs a handful of log lines, not one every `retry_seconds`.
     """
 
     def deliver(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
@@ -49,21 +54,25 @@ async def listen_forever(
             session_id = None
         on_session(session_id)
 
+    delay = retry_seconds
     while True:
         conn: asyncpg.Connection | None = None
+        pause = retry_seconds
         try:
             conn = await asyncpg.connect(url, timeout=10)
             closed = asyncio.Event()
             conn.add_termination_listener(lambda _c, done=closed: done.set())
             await conn.add_listener(channel, deliver)
+            delay = retry_seconds
             on_session(None)
             await closed.wait()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("LISTEN %s failed (%s); retrying in %.1fs, polling meanwhile", channel, exc, retry_seconds)
+            log.warning("LISTEN %s failed (%s); retrying in %.1fs, polling meanwhile", channel, exc, delay)
+            pause, delay = delay, min(max(retry_seconds, MAX_RETRY_SECONDS), delay * 2)
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await conn.close(timeout=1.0)
-        await asyncio.sleep(retry_seconds)
+        await asyncio.sleep(pause)

@@ -9,7 +9,9 @@ These functions touch the filesystem (realpath, stat): call them off the event l
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +28,23 @@ def is_within(path: str, roots: Sequence[Path]) -> bool:
         if path == r or path.startswith(r.rstrip(os.sep) + os.sep):
             return True
     return False
+
+
+def is_utf8(path: str) -> bool:
+    """True when `path` holds no undecodable bytes (Python keeps those as lone surrogates)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: str) -> str:
+    """`path` with bytes that are not valid UTF-8 shown as `\\xNN`: storable, sendable, readable.
+
+    One-way: for messages and discovery issues, never to open a file with.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _invalid(field: str, description: str) -> InvalidArgument:
@@ -76,8 +95,70 @@ def resolve_directory(
             field,
             "is outside the configured library roots (IMAGETRAINING_LIBRARY_ROOTS); symlinks are resolved first",
         )
+    if not is_utf8(resolved):
+        raise _invalid(field, f"resolves to {printable(resolved)!r}, which is not valid UTF-8: rename it")
     if base is not None and not is_within(resolved, [base]):
         raise _invalid(field, f"is not under the session's root_path {base}")
     if must_exist and not os.path.isdir(resolved):
         raise _invalid(field, "is not an existing directory")
     return Path(resolved)
+
+
+class OutsideRoots(PermissionError):
+    """The path resolves outside every library root: refused before anything is opened."""
+
+
+class NotRegularFile(OSError):
+    """A directory, FIFO, socket or device where an image file was expected."""
+
+
+class PathChanged(OSError):
+    """A component of the path was replaced (by a symlink, say) between resolving and opening it."""
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO swapped in must not block the open; O_NOCTTY: a terminal device never becomes ours.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def open_within(path: str, roots: Sequence[Path]) -> int:
+    """Open a file for reading without ever following a symlink out of the roots; returns the fd.
+
+    Whatever changed on disk since the path was recorded (a file or a directory on its way swapped for
+    a symlink to /etc, say): the path is resolved, the resolved path must lie in a root, and then it is
+    opened one component at a time from that root with O_NOFOLLOW (`openat`), so the file opened is
+    the one that was checked. Symlinks that stay inside the roots keep working (they are resolved
+    first). Raises OutsideRoots or PathChanged (before anything outside is opened), or the OSError of
+    the open (FileNotFoundError, PermissionError...). Blocking.
+    """
+    real = os.path.realpath(path)
+    root = ""
+    for candidate in roots:
+        r = str(candidate)
+        if is_within(real, [candidate]) and len(r) > len(root):
+            root = r
+    if not root:
+        raise OutsideRoots(errno.EACCES, "resolves outside the library roots (a symlink?); not opened", path)
+    rest = real[len(root) :].strip(os.sep)
+    parts = rest.split(os.sep) if rest else []
+    if not parts:
+        raise IsADirectoryError(errno.EISDIR, "is a library root, not a file", path)
+    # Not authoritative (the fstat of the opened file is), but a device node or a FIFO is never even
+    # opened: opening some devices has side effects.
+    if not stat.S_ISREG(os.lstat(real).st_mode):
+        raise NotRegularFile(errno.EINVAL, "is not a regular file", path)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in parts[:-1]:
+            inner = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        return os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise PathChanged(
+                err.errno, "changed while it was opened (a component is now a symlink or a file); not opened", path
+            ) from None
+        raise
+    finally:
+        os.close(fd)

@@ -58,6 +58,8 @@ class Settings:
     subscriber_idle_seconds: float = 30.0
     # Shutdown grace for in-flight RPCs.
     grace_seconds: float = 5.0
+    # How long a starting process waits for PostgreSQL to accept connections before giving up.
+    database_wait_seconds: float = 30.0
     # Optional bearer token required in `authorization` metadata (health and reflection stay open).
     auth_token: str | None = None
     # Optional TLS for both servers (PEM files); the control service uses the CA file to dial workers.
@@ -71,11 +73,18 @@ class Settings:
         return self.worker_advertise_address or self.worker_address
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, library_roots: tuple[Path, ...] | None = None
+    ) -> Settings:
+        """Every variable parsed and checked, TLS files loaded once to prove they are usable.
+
+        `library_roots` given: IMAGETRAINING_LIBRARY_ROOTS is not read (`make run` learns the data
+        directory this way before it makes the demo library that will be the root).
+        """
         env = os.environ if env is None else env
         p = _Parser(env)
-        return cls(
-            library_roots=p.roots("IMAGETRAINING_LIBRARY_ROOTS"),
+        settings = cls(
+            library_roots=p.roots("IMAGETRAINING_LIBRARY_ROOTS") if library_roots is None else library_roots,
             database_url=p.database_url("DATABASE_URL"),
             data_dir=p.path("IMAGETRAINING_DATA_DIR", _default_data_dir()),
             control_address=p.address("IMAGETRAINING_CONTROL_ADDRESS", "127.0.0.1:50051"),
@@ -98,11 +107,14 @@ class Settings:
             max_subscribers=p.integer("IMAGETRAINING_MAX_SUBSCRIBERS", 2000, 1, 1_000_000),
             subscriber_idle_seconds=p.number("IMAGETRAINING_SUBSCRIBER_IDLE_SECONDS", 30.0, 0.1, 3600.0),
             grace_seconds=p.number("IMAGETRAINING_GRACE_SECONDS", 5.0, 0.0, 600.0),
-            auth_token=env.get("IMAGETRAINING_AUTH_TOKEN") or None,
+            database_wait_seconds=p.number("IMAGETRAINING_DATABASE_WAIT_SECONDS", 30.0, 0.0, 3600.0),
+            auth_token=p.token("IMAGETRAINING_AUTH_TOKEN"),
             tls_cert_file=p.optional_file("IMAGETRAINING_TLS_CERT_FILE"),
             tls_key_file=p.optional_file("IMAGETRAINING_TLS_KEY_FILE"),
             tls_ca_file=p.optional_file("IMAGETRAINING_TLS_CA_FILE"),
         )
+        check_tls_files(settings)
+        return settings
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -110,6 +122,18 @@ class Settings:
                 "IMAGETRAINING_TLS_CERT_FILE",
                 "set both IMAGETRAINING_TLS_CERT_FILE and IMAGETRAINING_TLS_KEY_FILE",
             )
+        if self.database_url is None:
+            # The embedded PostgreSQL keeps its files in the data directory: inside a library root
+            # they would be walked, counted and served as a library (and change under the walk).
+            data_dir = self.data_dir.expanduser().resolve()
+            for root in self.library_roots:
+                if data_dir == root or root in data_dir.parents:
+                    raise SettingsError(
+                        "IMAGETRAINING_LIBRARY_ROOTS",
+                        f"{str(root)!r} contains IMAGETRAINING_DATA_DIR ({data_dir}), where the embedded "
+                        "PostgreSQL keeps its files; choose directories that hold only the images, "
+                        "or move IMAGETRAINING_DATA_DIR out of them",
+                    )
 
     def validate_worker(self) -> None:
         if self.heartbeat_seconds >= self.lease_seconds:
@@ -143,6 +167,11 @@ class _Parser:
             if not path.is_dir():
                 raise SettingsError(name, f"{part!r} is not an existing directory")
             resolved = path.resolve()
+            if resolved == Path(resolved.anchor):
+                # The services would walk, count and expose every file of the machine.
+                raise SettingsError(
+                    name, f"{part!r} is the whole file system, not a library: name the directories that hold the images"
+                )
             if resolved not in roots:
                 roots.append(resolved)
         if not roots:
@@ -175,6 +204,25 @@ class _Parser:
         if not path.is_file():
             raise SettingsError(name, f"{raw!r} is not a readable file")
         return path
+
+    def token(self, name: str) -> str | None:
+        """A bearer token, which must travel as gRPC metadata: visible ASCII (0x21-0x7E) only.
+
+        gRPC refuses any other byte in an ASCII header value, so a token with a newline, a space or
+        a non-ASCII character would be accepted here and then fail every client call with
+        "Invalid metadata". The message never repeats the token.
+        """
+        raw = self.env.get(name)
+        if raw is None or raw.strip() == "":
+            return None  # blank means unset, as for every variable
+        for index, char in enumerate(raw):
+            if not 0x21 <= ord(char) <= 0x7E:
+                raise SettingsError(
+                    name,
+                    f"character {index + 1} of the token is U+{ord(char):04X}, which cannot travel in gRPC "
+                    "metadata: use visible ASCII characters only (0x21-0x7E, no spaces or line breaks)",
+                )
+        return raw
 
     def address(self, name: str, default: str) -> str:
         return self.optional_address(name) or default
@@ -230,6 +278,45 @@ class _Parser:
         return raw
 
 
+def check_tls_files(settings: Settings) -> None:
+    """Load the TLS files as the servers and the relay will, so a bad one is named at start.
+
+    gRPC reports an unusable certificate as "Failed to bind to address", naming no file; the
+    stdlib's OpenSSL parses the same PEM and says which one is wrong.
+    """
+    import ssl
+
+    def fail(variable: str, path: Path, what: str, exc: Exception) -> SettingsError:
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        reason = getattr(exc, "reason", None) or text or type(exc).__name__
+        return SettingsError(variable, f"{str(path)!r} is not {what} ({reason})")
+
+    def no_password() -> bytes:
+        raise ValueError("the key is encrypted; give an unencrypted PEM key")
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if settings.tls_cert_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(settings.tls_cert_file))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise fail("IMAGETRAINING_TLS_CERT_FILE", settings.tls_cert_file, "a PEM certificate", exc) from None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        try:
+            context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file), password=no_password)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise fail(
+                "IMAGETRAINING_TLS_KEY_FILE",
+                settings.tls_key_file,
+                "an unencrypted PEM private key of IMAGETRAINING_TLS_CERT_FILE's certificate",
+                exc,
+            ) from None
+    if settings.tls_ca_file is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(settings.tls_ca_file))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise fail("IMAGETRAINING_TLS_CA_FILE", settings.tls_ca_file, "a PEM CA certificate", exc) from None
+
+
 def configure_logging(level: str) -> None:
     """One line per record on stderr; the migration and embedded-server libraries only when they warn.
 
@@ -239,7 +326,13 @@ def configure_logging(level: str) -> None:
     import logging
     import sys
 
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from imagetraining.logs import RequestIdFilter
+
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s", stream=sys.stderr
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     if level != "DEBUG":
         for noisy in ("alembic", "pgserver"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -5,13 +5,21 @@ Blocking by nature: run it in a thread, never on an event loop. Properties every
 - extensions matched case-insensitively;
 - symlinks followed only when their target lies inside a library root; a directory reached twice
   (symlink loop, or a link to an ancestor) is walked once;
-- unreadable directories and files are reported as `Issue`s and the walk goes on;
+- unreadable directories and files are reported as `Issue`s (with the errno, so the caller can ask
+  whether the library itself went away) and the walk goes on;
+- a name that is not valid UTF-8 (PostgreSQL text and protobuf strings cannot carry it) costs only
+  its own entry: an `Issue` whose path shows the bad bytes as `\\xNN`; such a directory is not entered;
+- every directory is resolved before it is listed: one swapped for a symlink out of the roots since
+  it was found is reported, not listed;
+- mount points met under the tops (a directory on another device than its parent) are collected in
+  `mounts`, for the worker's library-offline check (discovery_worker/library.py);
 - `should_stop` is polled on a time cadence (also inside huge directories) so that pause and
   cancel, a file cap or a deadline end the walk promptly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagetraining.formats import suffix_set
-from imagetraining.paths import is_within
+from imagetraining.paths import is_utf8, is_within, printable
 
 _CHECK_EVERY_ENTRIES = 256
 
@@ -36,10 +44,17 @@ class FoundFile:
 
 @dataclass(slots=True)
 class Issue:
-    """A path the walk could not read or refused to follow, with the reason."""
+    """A path the walk could not read or refused to follow, with the reason (and the errno, if any).
+
+    `path` is always valid UTF-8 (a name that is not is shown with `\\xNN` escapes).
+    """
 
     path: str
     reason: str
+    errno: int | None = None
+
+
+NOT_UTF8 = "name is not valid UTF-8 (shown with \\x escapes); rename it to include it"
 
 
 @dataclass(slots=True)
@@ -76,6 +91,8 @@ class Walk:
     counters: WalkCounters = field(default_factory=WalkCounters)
     stopped: bool = False
     truncated: bool = False
+    # (path, inode, device) of each mount point met below a top, in walk order.
+    mounts: list[tuple[str, int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._suffixes = suffix_set(self.extensions)
@@ -114,31 +131,39 @@ class Walk:
             if self.stopped or self.truncated:
                 return
 
-    def _issue(self, path: str, reason: str) -> Issue:
+    def _issue(self, path: str, reason: str, err: OSError | None = None) -> Issue:
         self.counters.issues += 1
-        return Issue(path, reason)
+        return Issue(path if is_utf8(path) else printable(path), reason, None if err is None else err.errno)
 
     def _walk_top(self, top: str, index: int) -> Iterator[FoundFile | Issue]:
         c = self.counters
-        stack = [top]
+        # (directory, device of the directory it was found in; None for the top)
+        stack: list[tuple[str, int | None]] = [(top, None)]
         while stack:
             if self._halt():
                 return
-            directory = stack.pop()
+            directory, parent_device = stack.pop()
             try:
+                # Found as a directory inside the roots, but it may have been swapped for a symlink
+                # since: resolve before listing, so nothing outside the roots is ever listed.
+                if not is_within(os.path.realpath(directory), self.roots):
+                    yield self._issue(directory, "now leads outside the library roots (a symlink?); not walked")
+                    continue
                 st = os.stat(directory)
             except OSError as err:
-                yield self._issue(directory, _reason(err))
+                yield self._issue(directory, _reason(err), err)
                 continue
             key = (st.st_dev, st.st_ino)
             if key in self.visited:
                 continue
             self.visited.add(key)
+            if parent_device is not None and st.st_dev != parent_device:
+                self.mounts.append((directory, st.st_ino, st.st_dev))
             try:
                 with os.scandir(directory) as it:
                     entries = sorted(it, key=lambda e: e.name)
             except OSError as err:
-                yield self._issue(directory, _reason(err))
+                yield self._issue(directory, _reason(err), err)
                 continue
             c.directories_scanned += 1
             c.current_directory = directory
@@ -146,6 +171,17 @@ class Walk:
             for entry in entries:
                 if self._halt():
                     return
+                name = entry.name
+                if not name.isascii() and not is_utf8(name):
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:
+                        is_dir = False
+                    if not is_dir:
+                        c.files_seen += 1
+                    if is_dir or self._matches(name):
+                        yield self._issue(entry.path, NOT_UTF8)
+                    continue
                 try:
                     if entry.is_symlink():
                         target = os.path.realpath(entry.path)
@@ -175,14 +211,14 @@ class Walk:
                             continue
                         fst = entry.stat(follow_symlinks=False) if self.with_stat else None
                 except OSError as err:
-                    yield self._issue(entry.path, _reason(err))
+                    yield self._issue(entry.path, _reason(err), err)
                     continue
                 c.images_found += 1
                 if fst is None:
                     yield FoundFile(entry.path, 0, 0, index)
                 else:
                     yield FoundFile(entry.path, fst.st_size, fst.st_mtime_ns, index)
-            stack.extend(reversed(subdirs))
+            stack.extend((d, st.st_dev) for d in reversed(subdirs))
         c.current_directory = ""
 
 
@@ -228,15 +264,23 @@ def count_images(
     return out, any_truncated
 
 
-def list_subdirectories(path: str, roots: Sequence[Path], limit: int) -> tuple[list[str], bool]:
+def list_subdirectories(
+    path: str, roots: Sequence[Path], limit: int, unusable: list[str] | None = None
+) -> tuple[list[str], bool]:
     """Immediate subdirectories of `path`, sorted by name, symlinks only if they stay in the roots.
 
-    Returns at most `limit` paths and whether there were more.
+    Returns at most `limit` paths and whether there were more. A subdirectory whose name is not valid
+    UTF-8 cannot be stored or sent: it is left out, and appended to `unusable` (escaped) if given.
     """
     out: list[str] = []
     with os.scandir(path) as it:
         entries = sorted(it, key=lambda e: e.name)
     for entry in entries:
+        if not entry.name.isascii() and not is_utf8(entry.name):
+            with contextlib.suppress(OSError):
+                if unusable is not None and entry.is_dir():
+                    unusable.append(printable(entry.path))
+            continue
         try:
             if entry.is_symlink():
                 target = os.path.realpath(entry.path)
@@ -252,12 +296,24 @@ def list_subdirectories(path: str, roots: Sequence[Path], limit: int) -> tuple[l
     return out, False
 
 
+def has_direct_images(
+    path: str, extensions: Iterable[str], roots: Sequence[Path], *, max_files: int, deadline: float
+) -> bool:
+    """Does `path` itself hold at least one image (not counting subdirectories)? Stops at the first."""
+    direct = Walk(
+        [path], tuple(extensions), roots, recursive=False, with_stat=False, max_files=max_files, deadline=deadline
+    )
+    return any(isinstance(item, FoundFile) for item in direct)
+
+
 @dataclass(slots=True)
 class ScanResult:
     path: str
     subdirectories: list[DirectoryCount]
     direct_image_count: int
     truncated: bool
+    # Subdirectories left out because their names are not valid UTF-8 (escaped with \xNN).
+    unusable: list[str] = field(default_factory=list)
 
 
 def scan_directory(
@@ -271,7 +327,8 @@ def scan_directory(
 ) -> ScanResult:
     """Immediate subdirectories of `path` with recursive image counts, plus images directly in it."""
     extensions = tuple(extensions)
-    subdirs, more = list_subdirectories(path, roots, max_subdirectories)
+    unusable: list[str] = []
+    subdirs, more = list_subdirectories(path, roots, max_subdirectories, unusable)
     direct = Walk([path], extensions, roots, recursive=False, with_stat=False, max_files=max_files, deadline=deadline)
     direct_count = sum(1 for item in direct if isinstance(item, FoundFile))
     counts, truncated = count_images(
@@ -281,4 +338,4 @@ def scan_directory(
         max_files=max(max_files - direct.counters.files_seen, 0),
         deadline=deadline,
     )
-    return ScanResult(path, counts, direct_count, truncated or more or direct.truncated)
+    return ScanResult(path, counts, direct_count, truncated or more or direct.truncated, unusable)

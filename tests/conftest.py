@@ -22,17 +22,13 @@ import pytest
 
 from imagetraining.db.engine import Database, start_embedded, with_database
 from imagetraining.db.migrate import upgrade
+from imagetraining.db.models import Base
 from imagetraining.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = (
-    "idempotency_keys",
-    "discovery_issues",
-    "training_jobs",
-    "session_subdirectories",
-    "training_sessions",
-    "image_assets",
-)
+# Every table of the schema (the models equal the migrations: tests/integration/test_database.py),
+# so a new table is emptied between tests without anyone remembering to list it.
+TABLES = tuple(sorted(Base.metadata.tables))
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -153,3 +149,44 @@ def subprocess_env(db_url: str, library: Path, **extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture
+def pg_instance(tmp_path: Path) -> Iterator[Any]:
+    """A PostgreSQL of this test's own (tests.pg_instance.PgInstance), initialised, not started.
+
+    For tests that crash, stop or restart the database; the finaliser stops it whatever its state.
+    """
+    from tests.pg_instance import PgInstance
+
+    pg = PgInstance(tmp_path / "pg")
+    try:
+        pg.init()
+        yield pg
+    finally:
+        pg.close()
+
+
+@pytest.fixture
+def worker_processes() -> Iterator[list[Any]]:
+    """Worker processes a test starts (tests.worker_support.WorkerProcess): woken and killed at the end."""
+    import signal
+
+    started: list[Any] = []
+    yield started
+    for worker in started:
+        if worker.proc.poll() is None:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        worker.kill()
+
+
+@pytest.fixture
+async def slow_worker(clean_db: Database, make_settings: Callable[..., Settings]) -> AsyncIterator[Any]:
+    """An in-process worker training 0.2 s per image on one process: a test can pause it early in training."""
+    from discovery_worker.worker import run_worker
+
+    handle = await run_worker(
+        make_settings(pool_size=1, batch_size=100, trainer="tests.trainers:SlowTrainer"), migrate=False
+    )
+    yield handle
+    await handle.stop()

@@ -102,6 +102,37 @@ def write_truncated_png(path: str | Path, width: int = 320, height: int = 240, s
     return p
 
 
+def write_scrambled_png(path: str | Path, width: int = 320, height: int = 240, seed: int = 0) -> Path:
+    """A PNG of full length whose pixel data is random bytes (CRCs made valid): damaged, not short."""
+    p = _prepare(path)
+    write_png(p, width, height, seed)
+    data = bytearray(p.read_bytes())
+    at = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[at - 4 : at])
+    noise = np.random.default_rng(seed).integers(0, 256, length, dtype=np.uint8).tobytes()
+    data[at + 4 : at + 4 + length] = noise
+    data[at + 4 + length : at + 8 + length] = struct.pack(">I", zlib.crc32(b"IDAT" + noise))
+    p.write_bytes(bytes(data))
+    return p
+
+
+def write_jpeg_head(path: str | Path, keep: int = 600, seed: int = 0) -> Path:
+    """The first `keep` bytes of a real JPEG: its headers begin, the file ends (an aborted copy)."""
+    p = _prepare(path)
+    write_jpeg(p, 640, 480, seed)
+    p.write_bytes(p.read_bytes()[:keep])
+    return p
+
+
+def write_truncated_webp(path: str | Path, width: int = 320, height: int = 240, seed: int = 0) -> Path:
+    """A WebP cut in half: its RIFF header promises more bytes than the file has."""
+    p = _prepare(path)
+    write_webp(p, width, height, seed)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    return p
+
+
 def write_empty(path: str | Path) -> Path:
     p = _prepare(path)
     p.write_bytes(b"")
@@ -200,3 +231,12 @@ def build_library(root: str | Path, *, good: int = 6, seed: int = 0) -> Library:
     lib.non_images.append(write_text(r / "album0" / "notes.txt"))
     lib.non_images.append(write_text(r / "album1" / "thumbs.db", "x"))
     return lib
+
+
+def photo_folders(root: str | Path, folders: int, per_folder: int, *, size: tuple[int, int] = (24, 24)) -> list[Path]:
+    """`folders` folders of `per_folder` small distinct JPEGs under root (album00/img0000.jpg...); the folders."""
+    r = Path(root)
+    for f in range(folders):
+        for i in range(per_folder):
+            write_jpeg(r / f"album{f:02d}" / f"img{i:04d}.jpg", size[0], size[1], seed=f * 10_000 + i, quality=70)
+    return [r / f"album{f:02d}" for f in range(folders)]

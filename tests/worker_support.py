@@ -81,7 +81,9 @@ async def pause(db: Database, sid: int) -> bool:
 
 
 async def resume(db: Database, sid: int) -> bool:
-    return await transition(db, sid, ("paused",), "state = COALESCE(resume_state, 'discovering'), resume_state = NULL")
+    return await transition(
+        db, sid, ("paused",), "state = COALESCE(resume_state, 'discovering'), resume_state = NULL, state_reason = ''"
+    )
 
 
 async def cancel(db: Database, sid: int) -> bool:
@@ -339,3 +341,43 @@ def true_counts(lib: Library, tops: Sequence[Path]) -> dict[str, int]:
         "failed_images": len(lib.failures),
         "skipped_images": len(lib.duplicates),
     }
+
+
+async def frozen(worker: WorkerProcess) -> bool:
+    """Is the worker process stopped (SIGSTOP, e.g. by an IMAGETRAINING_FAULT_POINT `stop` action)?"""
+    import psutil
+
+    return bool(psutil.Process(worker.proc.pid).status() == psutil.STATUS_STOPPED)
+
+
+async def pause_once_training(db: Database, sid: int) -> None:
+    """Wait until the session trains its first image, pause it, wait until its worker lets it go."""
+    from tests.conftest import wait_for
+
+    async def training() -> bool:
+        row = await session(db, sid)
+        return row["state"] == "running" and row["processed_images"] >= 1
+
+    await wait_for(training, timeout=30, what="training to start")
+    assert await pause(db, sid)
+
+    async def released() -> bool:
+        return (await session(db, sid))["owner_id"] is None
+
+    await wait_for(released, timeout=10, what="the worker to let the paused session go")
+
+
+async def pending_paths(db: Database, sid: int) -> list[Path]:
+    return sorted(Path(j["path"]) for j in await jobs(db, sid) if j["state"] == "pending")
+
+
+def paced_env(db_url: str, library: Path, scratch: Path, **extra: str) -> dict[str, str]:
+    """worker_env with the PacedTrainer (5 ms an image) and home and data directories in `scratch`."""
+    return worker_env(
+        db_url,
+        library,
+        HOME=str(scratch),
+        IMAGETRAINING_DATA_DIR=str(scratch / "data"),
+        IMAGETRAINING_TRAINER="tests.trainers:PacedTrainer",
+        **extra,
+    )

@@ -36,8 +36,8 @@ from imagetraining.cli.client import (
     exit_code_for,
     status_code,
 )
+from imagetraining.cli.display import Outcomes, SessionDisplay, SessionView, session_id
 from imagetraining.cli.watch import JsonLinesSink, Watcher, WatchGaveUp, fetch_outcomes
-from imagetraining.display import Outcomes, SessionDisplay, SessionView, session_id
 from imagetraining.v1 import resources_pb2 as pb
 from imagetraining.v1 import training_session_service_pb2 as tss
 
@@ -113,6 +113,9 @@ def session_config(args: argparse.Namespace) -> pb.SessionConfig:
     config = pb.SessionConfig(extensions=extensions(args.ext))
     if args.no_recursive:
         config.recursive = False
+    if args.near_duplicate_distance is not None:
+        config.near_duplicate_distance = args.near_duplicate_distance
+    config.skip_near_duplicates = bool(args.skip_near_duplicates)
     return config
 
 
@@ -141,10 +144,11 @@ def cmd_create(ctx: Context) -> int:
         return EXIT_OK
     ctx.out.print(output.session_panel(session))
     sid = session_id(session.name)
-    if not any(sub.selected for sub in session.subdirectories):
-        ctx.hint(f"next: imagetraining sessions select {sid} SUBDIRECTORY...  (nothing is selected yet)")
-    else:
-        ctx.hint(f"next: imagetraining sessions start {sid}")
+    selected = any(sub.selected for sub in session.subdirectories)
+    ctx.hint(
+        f"next: {output.next_step(session.state, sid, selected=selected)}"
+        + ("" if selected else "  (nothing is selected yet)")
+    )
     return EXIT_OK
 
 
@@ -193,7 +197,9 @@ def cmd_get(ctx: Context) -> int:
     return EXIT_OK
 
 
-def _transition(method: str, verb: str, build: Callable[[str], object], next_hint: str | None = None) -> Command:
+def _transition(method: str, verb: str, build: Callable[[str], object]) -> Command:
+    """A state-changing command; its hint is the next step for the state the session is now in."""
+
     def command(ctx: Context) -> int:
         name = session_name(ctx.args.session)
         response = ctx.client.call(method, build(name))  # type: ignore[arg-type]
@@ -201,29 +207,18 @@ def _transition(method: str, verb: str, build: Callable[[str], object], next_hin
             output.print_json(ctx.out, response)
             return EXIT_OK
         session: pb.Session = response.session
-        ctx.out.print(output.session_line(session, verb))
-        if next_hint:
-            ctx.hint(next_hint.format(id=session_id(session.name)))
+        ctx.out.print(output.session_line(session, verb), soft_wrap=True)  # one line, even piped
+        ctx.hint(f"next: {output.next_step(session.state, session_id(session.name))}")
         return EXIT_OK
 
     return command
 
 
 cmd_start = _transition(
-    "StartSession",
-    "started",
-    lambda name: tss.StartSessionRequest(name=name, request_id=request_id()),
-    "watch it: imagetraining watch {id}",
+    "StartSession", "started", lambda name: tss.StartSessionRequest(name=name, request_id=request_id())
 )
-cmd_pause = _transition(
-    "PauseSession",
-    "paused",
-    lambda name: tss.PauseSessionRequest(name=name),
-    "resume: imagetraining sessions resume {id}",
-)
-cmd_resume = _transition(
-    "ResumeSession", "resumed", lambda name: tss.ResumeSessionRequest(name=name), "watch it: imagetraining watch {id}"
-)
+cmd_pause = _transition("PauseSession", "paused", lambda name: tss.PauseSessionRequest(name=name))
+cmd_resume = _transition("ResumeSession", "resumed", lambda name: tss.ResumeSessionRequest(name=name))
 cmd_cancel = _transition("CancelSession", "cancelled", lambda name: tss.CancelSessionRequest(name=name))
 
 
@@ -233,7 +228,6 @@ def cmd_restart(ctx: Context) -> int:
         "RestartSession",
         "restarted",
         lambda name: tss.RestartSessionRequest(name=name, scope=scope, request_id=request_id()),
-        "watch it: imagetraining watch {id}",
     )(ctx)
 
 
@@ -257,9 +251,12 @@ def cmd_select(ctx: Context) -> int:
         return EXIT_OK
     ctx.out.print(output.session_panel(response.session))
     if selected:
-        ctx.hint(
-            f"next: imagetraining validate {session_id(name)}  or  imagetraining sessions start {session_id(name)}"
-        )
+        state = response.session.state
+        step = output.next_step(state, session_id(name))
+        if state in (pb.SESSION_STATE_PAUSED, pb.SESSION_STATE_DISCOVERING, pb.SESSION_STATE_RUNNING):
+            ctx.hint(f"next: {step}")  # ValidateSession checks a start or restart, neither of which works now
+        else:
+            ctx.hint(f"next: imagetraining validate {session_id(name)}  or  {step}")
     return EXIT_OK
 
 
@@ -371,20 +368,19 @@ def cmd_watch(ctx: Context) -> int:
 
 
 def cmd_train(ctx: Context) -> int:
-    """Scan PATH, create a session with every immediate subdirectory selected, start it, watch it."""
+    """Scan PATH, create a session with PATH itself selected, start it, watch it."""
     a = ctx.args
     path = absolute(a.path)
     exts = extensions(a.ext)
     scan: tss.ScanDirectoryResponse = ctx.client.call(
         "ScanDirectory", tss.ScanDirectoryRequest(path=path, extensions=exts)
     )
-    if not scan.subdirectories:
-        return _no_subdirectories(ctx, scan)
-    total = sum(sub.image_count for sub in scan.subdirectories)
     recursive = not a.no_recursive
-    if total == 0 and recursive and not scan.truncated:
+    total = scan.direct_image_count + (sum(sub.image_count for sub in scan.subdirectories) if recursive else 0)
+    if total == 0 and not scan.truncated:
+        where = f"{scan.path} or its subdirectories" if recursive else scan.path
         ctx.err.print(
-            f"error: no images in the subdirectories of {scan.path} (formats: {', '.join(scan.extensions)}); "
+            f"error: no images in {where} (formats: {', '.join(scan.extensions)}); "
             "nothing to train. Add --ext for other formats.",
             markup=False,
             highlight=False,
@@ -397,36 +393,21 @@ def cmd_train(ctx: Context) -> int:
         ),
     )
     name = created.session.name
-    # CreateSession without subdirectories lists the root's immediate subdirectories unselected.
-    paths = [sub.path for sub in created.session.subdirectories] or [sub.path for sub in scan.subdirectories]
+    # The folder itself is selected: its own images and (recursively) everything under it, so a flat
+    # folder trains like any other (with --no-recursive: only the images directly in it).
+    paths = [scan.path]
     update_selection(ctx, name, paths, True)
     started: tss.StartSessionResponse = ctx.client.call(
         "StartSession", tss.StartSessionRequest(name=name, request_id=request_id())
     )
     if ctx.json:
         # One line, like the events that follow: the whole output is JSON lines.
-        ctx.out.out(json_format.MessageToJson(started, indent=None), highlight=False)
+        ctx.out.out(json_format.MessageToJson(started, indent=None, preserving_proto_field_name=True), highlight=False)
     else:
         ctx.out.print(
-            output.session_line(started.session, f"started over {len(paths)} subdirectories ({total:,} images)")
+            output.session_line(started.session, f"started over {scan.path} ({total:,} images)"), soft_wrap=True
         )
     return _watch(ctx, name, just_started=True)
-
-
-def _no_subdirectories(ctx: Context, scan: tss.ScanDirectoryResponse) -> int:
-    """The service trains subdirectories of a root: say so, and how to train this folder anyway."""
-    parent, base = os.path.split(scan.path.rstrip("/"))
-    images = f"{scan.direct_image_count:,} images directly in it" if scan.direct_image_count else "no images"
-    ctx.err.print(
-        f"error: {scan.path} has no subdirectories ({images}); a session trains subdirectories of its root.\n"
-        f"  next: train it as a subdirectory of its parent (which must be inside a library root):\n"
-        f"    imagetraining sessions create {parent} --subdir {base}\n"
-        f"    imagetraining sessions start <id> && imagetraining watch <id>\n"
-        f"  or move the images into a subfolder of {scan.path} and run imagetraining train again.",
-        markup=False,
-        highlight=False,
-    )
-    return EXIT_USAGE
 
 
 Command = Callable[[Context], int]
@@ -477,6 +458,17 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
         "--ext", action="append", metavar="EXT", help="extension to train, repeatable or comma-separated (jpg,png)"
     )
     parser.add_argument("--no-recursive", action="store_true", help="only files directly in each subdirectory")
+    parser.add_argument(
+        "--near-duplicate-distance",
+        type=int,
+        metavar="BITS",
+        help="dHash bits within which two images are near duplicates (default 4, 0..8)",
+    )
+    parser.add_argument(
+        "--skip-near-duplicates",
+        action="store_true",
+        help="train only the best of near duplicates (most pixels, then largest file); exact copies are always skipped",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -552,8 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after-sequence", type=int, default=0, metavar="N", help="resume after this sequence")
     p.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
 
-    p = add(commands, "train", cmd_train, "train every subdirectory of PATH: create, select, start and watch")
-    p.add_argument("path", metavar="PATH", help="directory inside a library root, with subdirectories of images")
+    p = add(commands, "train", cmd_train, "train every image under PATH: create, select, start and watch")
+    p.add_argument(
+        "path", metavar="PATH", help="directory inside a library root: its images and (recursively) its subdirectories'"
+    )
     _config_args(p)
     p.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     return parser

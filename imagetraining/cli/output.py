@@ -18,7 +18,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from imagetraining.display import (
+from imagetraining.cli.display import (
     discovery_text,
     outcome_counts,
     percentage_text,
@@ -33,7 +33,7 @@ from imagetraining.v1 import training_session_service_pb2 as tss
 
 def print_json(console: Console, message: Message) -> None:
     """The message as JSON (proto3 mapping, as grpcurl prints it), unwrapped and unhighlighted."""
-    console.out(json_format.MessageToJson(message, indent=2), highlight=False)
+    console.out(json_format.MessageToJson(message, indent=2, preserving_proto_field_name=True), highlight=False)
 
 
 def timestamp(ts: Timestamp) -> str:
@@ -145,7 +145,14 @@ def job_reason(job: pb.Job) -> str:
     if job.state == pb.JOB_STATE_FAILED:
         return f"{job.error_class or 'failed'}: {job.error_message}" if job.error_message else job.error_class
     if job.state == pb.JOB_STATE_SKIPPED:
+        if job.duplicate_of:
+            return f"{job.skip_reason} of {job.duplicate_of}"
+        if job.near_duplicate_of:
+            return f"{job.skip_reason} of {job.near_duplicate_of} ({job.near_duplicate_distance} bits apart)"
         return job.skip_reason
+    if job.near_duplicate_of:
+        # Trained all the same; said so that a user can find look-alikes (thumbnails, re-encodes).
+        return f"near duplicate of {job.near_duplicate_of} ({job.near_duplicate_distance} bits apart)"
     return ""
 
 
@@ -180,6 +187,23 @@ def scan_output(response: tss.ScanDirectoryResponse) -> RenderableType:
     return Group(Text(response.path, "bold", overflow="fold"), table, Text("\n".join(lines), "dim"))
 
 
+def next_step(state: int, sid: int | str, *, selected: bool = True) -> str:
+    """The command to run next for a session in `state`: always one the server accepts in that state.
+
+    One table for every hint the CLI prints (tests/integration/test_cli.py runs each one).
+    """
+    if state == pb.SESSION_STATE_PENDING:
+        if not selected:
+            return f"imagetraining sessions select {sid} SUBDIRECTORY..."
+        return f"imagetraining sessions start {sid}"
+    if state in (pb.SESSION_STATE_DISCOVERING, pb.SESSION_STATE_RUNNING):
+        return f"imagetraining watch {sid}"
+    if state == pb.SESSION_STATE_PAUSED:
+        return f"imagetraining sessions resume {sid}"
+    # Completed, cancelled, failed: RestartSession runs it again (StartSession refuses the first two).
+    return f"imagetraining sessions restart {sid}"
+
+
 def validate_output(response: tss.ValidateSessionResponse, name: str) -> RenderableType:
     verdict = Text("valid: StartSession would succeed", "green") if response.valid else Text("not valid", "bold red")
     count = f"{'≥' if response.truncated else ''}{response.image_count:,}"
@@ -200,7 +224,7 @@ def validate_output(response: tss.ValidateSessionResponse, name: str) -> Rendera
     for problem in response.problems:
         parts.append(Text(f"problem {problem.type} ({problem.subject}): {problem.description}", "red"))
     if response.valid:
-        parts.append(Text(f"next: imagetraining sessions start {session_id(name)}", "dim"))
+        parts.append(Text(f"next: {next_step(response.state, session_id(name))}", "dim"))
     return Group(*parts)
 
 

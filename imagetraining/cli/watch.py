@@ -18,8 +18,9 @@ import grpc
 from google.protobuf import json_format
 from rich.console import Console
 
+from imagetraining import convert
 from imagetraining.cli.client import Client, status_code
-from imagetraining.display import TERMINAL_STATES, Outcomes, SessionView
+from imagetraining.cli.display import TERMINAL_STATES, Outcomes, SessionView
 from imagetraining.v1 import resources_pb2 as pb
 from imagetraining.v1 import training_session_service_pb2 as tss
 
@@ -63,7 +64,8 @@ class JsonLinesSink:
     def update(self, event: pb.SessionEvent) -> bool:
         if not self.view.apply(event):
             return False
-        self.console.out(json_format.MessageToJson(event, indent=None), highlight=False)
+        line = json_format.MessageToJson(event, indent=None, preserving_proto_field_name=True)
+        self.console.out(line, highlight=False)
         return True
 
     def notice(self, text: str) -> None:
@@ -168,18 +170,7 @@ class Watcher:
             snapshot: tss.GetSessionResponse = self._retrying(lambda: self.client.call("GetSession", _get(name)))
             session = snapshot.session
             sequence += 1
-            self.sink.update(
-                pb.SessionEvent(
-                    name=session.name,
-                    sequence=sequence,
-                    kind=pb.EVENT_KIND_SNAPSHOT,
-                    state=session.state,
-                    state_reason=session.state_reason,
-                    discovery=session.discovery,
-                    training=session.progress,
-                    session=session,
-                )
-            )
+            self.sink.update(convert.snapshot_event(session, sequence))
             if self.sink.view.terminal:
                 return self.sink.view
         while True:
@@ -262,14 +253,15 @@ def event_from_progress(
         kind = pb.EVENT_KIND_TRAINING_PROGRESS
     else:
         kind = pb.EVENT_KIND_HEARTBEAT
-    return pb.SessionEvent(
-        name=progress.name,
-        sequence=sequence,
-        kind=kind,
-        state=progress.state,
-        state_reason=progress.state_reason,
-        discovery=progress.discovery,
-        training=progress.progress,
+    return convert.event(
+        progress.name,
+        sequence,
+        kind,
+        progress.state,
+        progress.state_reason,
+        progress.discovery,
+        progress.progress,
+        stamped=False,
     )
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -30,6 +31,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from imagetraining.states import ACTIVE_STATES, TERMINAL_STATES, JobState, SessionState
+
+__all__ = ["ACTIVE_STATES", "TERMINAL_STATES", "Base", "JobState", "SessionState"]
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -42,28 +47,6 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-
-
-class SessionState(enum.StrEnum):
-    PENDING = "pending"
-    DISCOVERING = "discovering"
-    RUNNING = "running"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
-TERMINAL_STATES = frozenset({SessionState.COMPLETED, SessionState.CANCELLED, SessionState.FAILED})
-ACTIVE_STATES = frozenset({SessionState.DISCOVERING, SessionState.RUNNING})
-
-
-class JobState(enum.StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    SKIPPED = "skipped"
 
 
 def _check_in(column: str, values: type[enum.StrEnum]) -> str:
@@ -174,6 +157,8 @@ class ImageAsset(Base):
     # (size, mtime_ns) the hash was computed from; differs from the row's when the file changed.
     hashed_size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     hashed_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    # BLAKE2b-128 (hex) of the bytes hashed: equal digests are exact duplicates.
+    content_digest: Mapped[str | None] = mapped_column(String(32))
     first_seen_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     update_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
@@ -204,6 +189,9 @@ class TrainingJob(Base):
     error_message: Mapped[str] = mapped_column(Text, server_default="")
     skip_reason: Mapped[str] = mapped_column(Text, server_default="")
     duplicate_of_asset_id: Mapped[int | None] = mapped_column(BigInteger)
+    # Trained, but its dHash is within the session's near_duplicate_distance of this earlier asset's.
+    near_duplicate_of_asset_id: Mapped[int | None] = mapped_column(BigInteger)
+    near_duplicate_distance: Mapped[int | None] = mapped_column(SmallInteger)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     create_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     update_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
@@ -235,6 +223,21 @@ class DirectoryFingerprint(Base):
     session_id: Mapped[int] = mapped_column(ForeignKey("training_sessions.id", ondelete="CASCADE"), primary_key=True)
     path: Mapped[str] = mapped_column(Text, primary_key=True)
     digest: Mapped[str] = mapped_column(String(64))
+
+
+class LibraryAnchor(Base):
+    """A directory whose absence means the session's library is offline (discovery_worker/library.py).
+
+    The library roots and selected directories of the current run, recorded when its discovery
+    starts, and the mount points its walk met, each with its inode as it was then.
+    """
+
+    __tablename__ = "library_anchors"
+
+    session_id: Mapped[int] = mapped_column(ForeignKey("training_sessions.id", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    inode: Mapped[int] = mapped_column(BigInteger)
+    device: Mapped[int] = mapped_column(BigInteger)
 
 
 class IdempotencyKey(Base):

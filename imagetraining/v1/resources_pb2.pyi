@@ -36,7 +36,9 @@ class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionS
     SESSION_STATE_RUNNING: _SessionState.ValueType  # 3
     """The total is final; a worker trains the jobs."""
     SESSION_STATE_PAUSED: _SessionState.ValueType  # 4
-    """Paused by a client; Resume continues where it stopped."""
+    """Paused by a client, or by a worker because the library went offline (then `state_reason` says
+    "library offline: <path> ..."); Resume continues where it stopped.
+    """
     SESSION_STATE_COMPLETED: _SessionState.ValueType  # 5
     """Every job is completed, failed or skipped, and at least one did not fail. Terminal."""
     SESSION_STATE_CANCELLED: _SessionState.ValueType  # 6
@@ -51,9 +53,12 @@ class SessionState(_SessionState, metaclass=_SessionStateEnumTypeWrapper):
 
       PENDING --Start--> DISCOVERING --(worker: total known)--> RUNNING --(all jobs done)--> COMPLETED
       DISCOVERING|RUNNING --Pause--> PAUSED --Resume--> DISCOVERING|RUNNING (where it stopped)
+      DISCOVERING|RUNNING --(worker: library offline)--> PAUSED (state_reason "library offline: ...")
       any non-terminal --Cancel--> CANCELLED
       worker error, zero images, all jobs failed --> FAILED
-      COMPLETED|CANCELLED|FAILED --Restart--> DISCOVERING;  FAILED --Start--> DISCOVERING
+      COMPLETED|CANCELLED|FAILED --Restart(ALL)--> DISCOVERING;  FAILED --Start--> DISCOVERING
+      COMPLETED|CANCELLED|FAILED --Restart(FAILED_ONLY)--> RUNNING when the last discovery finished
+        (its failed jobs back to pending), else DISCOVERING (the walk resumes first)
     """
 
 SESSION_STATE_UNSPECIFIED: SessionState.ValueType  # 0
@@ -65,7 +70,9 @@ SESSION_STATE_DISCOVERING: SessionState.ValueType  # 2
 SESSION_STATE_RUNNING: SessionState.ValueType  # 3
 """The total is final; a worker trains the jobs."""
 SESSION_STATE_PAUSED: SessionState.ValueType  # 4
-"""Paused by a client; Resume continues where it stopped."""
+"""Paused by a client, or by a worker because the library went offline (then `state_reason` says
+"library offline: <path> ..."); Resume continues where it stopped.
+"""
 SESSION_STATE_COMPLETED: SessionState.ValueType  # 5
 """Every job is completed, failed or skipped, and at least one did not fail. Terminal."""
 SESSION_STATE_CANCELLED: SessionState.ValueType  # 6
@@ -87,7 +94,9 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_PENDING: _JobState.ValueType  # 1
     """Waiting to be trained."""
     JOB_STATE_RUNNING: _JobState.ValueType  # 2
-    """Being trained by a worker."""
+    """Not set today: a job stays PENDING until its result is committed (a worker that dies loses
+    nothing but the uncommitted chunk). Reserved for jobs leased to a worker in chunks.
+    """
     JOB_STATE_COMPLETED: _JobState.ValueType  # 3
     """Trained."""
     JOB_STATE_FAILED: _JobState.ValueType  # 4
@@ -103,7 +112,9 @@ JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
 JOB_STATE_PENDING: JobState.ValueType  # 1
 """Waiting to be trained."""
 JOB_STATE_RUNNING: JobState.ValueType  # 2
-"""Being trained by a worker."""
+"""Not set today: a job stays PENDING until its result is committed (a worker that dies loses
+nothing but the uncommitted chunk). Reserved for jobs leased to a worker in chunks.
+"""
 JOB_STATE_COMPLETED: JobState.ValueType  # 3
 """Trained."""
 JOB_STATE_FAILED: JobState.ValueType  # 4
@@ -159,11 +170,26 @@ class SessionConfig(_message.Message):
     EXTENSIONS_FIELD_NUMBER: _builtins.int
     RECURSIVE_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    NEAR_DUPLICATE_DISTANCE_FIELD_NUMBER: _builtins.int
+    SKIP_NEAR_DUPLICATES_FIELD_NUMBER: _builtins.int
     recursive: _builtins.bool
     """Walk subdirectories recursively. Absent means true."""
     batch_size: _builtins.int
     """Paths written to the database per transaction during discovery. 0 means the server default
     (2000); allowed 100..10000.
+    """
+    near_duplicate_distance: _builtins.int
+    """Near duplicates: two images whose 64-bit dHashes differ in at most this many bits look alike
+    (a resized, re-encoded or lightly edited copy). Each such image is still trained; its job
+    names the earlier look-alike (`Job.near_duplicate_of`, `near_duplicate_distance`). Absent means
+    4; allowed 0..8 (0: equal hashes only). Exact duplicates (identical bytes) are always skipped.
+    """
+    skip_near_duplicates: _builtins.bool
+    """Train only the best of near duplicates: the most pixels, then the largest file, then the first
+    path, whatever order the walk or the pool finds them in. The others end SKIPPED with
+    skip_reason "near_duplicate" and `near_duplicate_of` naming the kept one; a kept image that a
+    better look-alike replaces later in the run goes from COMPLETED to SKIPPED (processed_images
+    then never drops: the replacing image completes in the same transaction). Default false.
     """
     @_builtins.property
     def extensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -177,13 +203,20 @@ class SessionConfig(_message.Message):
         extensions: _abc.Iterable[_builtins.str] | None = ...,
         recursive: _builtins.bool | None = ...,
         batch_size: _builtins.int = ...,
+        near_duplicate_distance: _builtins.int | None = ...,
+        skip_near_duplicates: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_recursive", b"_recursive", "recursive", b"recursive"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_near_duplicate_distance", b"_near_duplicate_distance", "_recursive", b"_recursive", "near_duplicate_distance", b"near_duplicate_distance", "recursive", b"recursive"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_recursive", b"_recursive", "batch_size", b"batch_size", "extensions", b"extensions", "recursive", b"recursive"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_near_duplicate_distance", b"_near_duplicate_distance", "_recursive", b"_recursive", "batch_size", b"batch_size", "extensions", b"extensions", "near_duplicate_distance", b"near_duplicate_distance", "recursive", b"recursive", "skip_near_duplicates", b"skip_near_duplicates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__near_duplicate_distance: _TypeAlias = _typing.Literal["near_duplicate_distance"]  # noqa: Y015
+    _WhichOneofArgType__near_duplicate_distance: _TypeAlias = _typing.Literal["_near_duplicate_distance", b"_near_duplicate_distance"]  # noqa: Y015
     _WhichOneofReturnType__recursive: _TypeAlias = _typing.Literal["recursive"]  # noqa: Y015
     _WhichOneofArgType__recursive: _TypeAlias = _typing.Literal["_recursive", b"_recursive"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__near_duplicate_distance) -> _WhichOneofReturnType__near_duplicate_distance | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__recursive) -> _WhichOneofReturnType__recursive | None: ...
 
 Global___SessionConfig: _TypeAlias = SessionConfig  # noqa: Y015
@@ -306,10 +339,14 @@ class TrainingProgress(_message.Message):
     indeterminate: _builtins.bool
     """True while the total is not final: show a spinner, not a percentage."""
     images_per_second: _builtins.float
-    """Images per second, smoothed, excluding paused time. 0 when unknown."""
+    """Images finished per second of training time (paused and queued time excluded), the same
+    figure in GetSession, GetSessionProgress and every stream message. 0 when unknown.
+    """
     @_builtins.property
     def eta(self) -> _duration_pb2.Duration:
-        """Estimated time to completion. Absent when unknown."""
+        """Time to completion at that rate. Absent when unknown, while the total is not final, and
+        whenever the session is not running (pending, paused, ended).
+        """
 
     def __init__(
         self,
@@ -361,7 +398,9 @@ class Session(_message.Message):
     """Absolute, resolved path inside a configured library root."""
     state: Global___SessionState.ValueType
     state_reason: _builtins.str
-    """Why the session is FAILED or CANCELLED; what to do about it. Empty otherwise."""
+    """Why the session is FAILED, CANCELLED or paused by a worker (library offline); what to do about
+    it. Empty otherwise.
+    """
     attempts: _builtins.int
     """How many times a worker has claimed the current run."""
     @_builtins.property
@@ -432,19 +471,34 @@ class Job(_message.Message):
     ASSET_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    DUPLICATE_OF_FIELD_NUMBER: _builtins.int
+    NEAR_DUPLICATE_OF_FIELD_NUMBER: _builtins.int
+    NEAR_DUPLICATE_DISTANCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"sessions/{session_id}/jobs/{job_id}"."""
     path: _builtins.str
     """Absolute path of the image."""
     state: Global___JobState.ValueType
     error_class: _builtins.str
-    """For FAILED: a stable class such as "corrupt", "truncated", "unsupported_format",
-    "decompression_bomb", "too_large", "vanished", "unreadable", "internal".
+    """For FAILED: a stable class, one per cause:
+      "truncated": the file ends before its own structure does (an interrupted copy: a PNG's
+        chunks or a JPEG's headers or scan run past the end, a WebP shorter than its RIFF size);
+      "corrupt": full length but damaged or not an image (checksum, compressed data or headers
+        broken, or unrecognisable content);
+      "unsupported_format": the content is a format not allowed for the file's extension;
+      "empty" (0 bytes); "too_large" (over the file-size limit); "decompression_bomb" (over the
+      pixel limit); "vanished" (deleted before training while its library was in place);
+      "unreadable" (permission, I/O error, or a path that left the library roots);
+      "decoder_crash" (the decoder killed its process); "trainer_error"; "internal" (a bug).
     """
     error_message: _builtins.str
     """For FAILED: a message for people."""
     skip_reason: _builtins.str
-    """For SKIPPED: why, e.g. "duplicate of asset 12"."""
+    """For SKIPPED: why, as a stable code. "exact_duplicate": the file's bytes are identical to
+    those of another image of the session, which is trained instead (`duplicate_of` names it).
+    "near_duplicate" (only with SessionConfig.skip_near_duplicates): it looks like a better image
+    of the session, which is trained instead (`near_duplicate_of` names it).
+    """
     perceptual_hash: _builtins.str
     """Perceptual hash as hex, with the algorithm that made it (e.g. "dhash-64"). Empty until trained."""
     hash_algorithm: _builtins.str
@@ -453,6 +507,14 @@ class Job(_message.Message):
     format: _builtins.str
     """Image format as decoded (JPEG, PNG, WEBP...)."""
     asset_id: _builtins.int
+    duplicate_of: _builtins.str
+    """For SKIPPED "exact_duplicate": the path of the copy that was kept and trained."""
+    near_duplicate_of: _builtins.str
+    """A near duplicate (trained all the same): the path of the earlier image of the session whose
+    dHash is within the session's `near_duplicate_distance` of this one's, and how many bits
+    apart they are (0: equal hashes of different bytes). Empty / 0 when there is none.
+    """
+    near_duplicate_distance: _builtins.int
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -474,10 +536,13 @@ class Job(_message.Message):
         asset_id: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        duplicate_of: _builtins.str = ...,
+        near_duplicate_of: _builtins.str = ...,
+        near_duplicate_distance: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "create_time", b"create_time", "error_class", b"error_class", "error_message", b"error_message", "format", b"format", "hash_algorithm", b"hash_algorithm", "height", b"height", "name", b"name", "path", b"path", "perceptual_hash", b"perceptual_hash", "skip_reason", b"skip_reason", "state", b"state", "update_time", b"update_time", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "create_time", b"create_time", "duplicate_of", b"duplicate_of", "error_class", b"error_class", "error_message", b"error_message", "format", b"format", "hash_algorithm", b"hash_algorithm", "height", b"height", "name", b"name", "near_duplicate_distance", b"near_duplicate_distance", "near_duplicate_of", b"near_duplicate_of", "path", b"path", "perceptual_hash", b"perceptual_hash", "skip_reason", b"skip_reason", "state", b"state", "update_time", b"update_time", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,7 +31,11 @@ class _RestartScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RestartS
     RESTART_SCOPE_ALL: _RestartScope.ValueType  # 1
     """Discover again; train new and changed images; keep what is unchanged."""
     RESTART_SCOPE_FAILED_ONLY: _RestartScope.ValueType  # 2
-    """Retrain only the failed jobs; no discovery."""
+    """Retrain only the failed jobs (they go back to pending, `failed_images` drops by their number).
+    The session goes to RUNNING at once when its last discovery finished; when that discovery was
+    cut short (cancelled or failed while discovering) it goes to DISCOVERING and the walk finishes
+    from its checkpoint first.
+    """
 
 class RestartScope(_RestartScope, metaclass=_RestartScopeEnumTypeWrapper):
     """What RestartSession runs again."""
@@ -41,7 +45,11 @@ RESTART_SCOPE_UNSPECIFIED: RestartScope.ValueType  # 0
 RESTART_SCOPE_ALL: RestartScope.ValueType  # 1
 """Discover again; train new and changed images; keep what is unchanged."""
 RESTART_SCOPE_FAILED_ONLY: RestartScope.ValueType  # 2
-"""Retrain only the failed jobs; no discovery."""
+"""Retrain only the failed jobs (they go back to pending, `failed_images` drops by their number).
+The session goes to RUNNING at once when its last discovery finished; when that discovery was
+cut short (cancelled or failed while discovering) it goes to DISCOVERING and the walk finishes
+from its checkpoint first.
+"""
 Global___RestartScope: _TypeAlias = RestartScope  # noqa: Y015
 
 @_typing.final
@@ -352,10 +360,13 @@ class ScanDirectoryResponse(_message.Message):
     DIRECT_IMAGE_COUNT_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     EXTENSIONS_FIELD_NUMBER: _builtins.int
+    UNUSABLE_SUBDIRECTORIES_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """The resolved path that was scanned."""
     direct_image_count: _builtins.int
-    """Images directly in `path` (not in a subdirectory)."""
+    """Images directly in `path` (not in a subdirectory). When not 0, `path` itself can be selected
+    in a session rooted there (CreateSession offers it).
+    """
     truncated: _builtins.bool
     """Some count was cut short, or there were more than 1000 subdirectories."""
     @_builtins.property
@@ -366,6 +377,13 @@ class ScanDirectoryResponse(_message.Message):
     def extensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The extensions that were counted."""
 
+    @_builtins.property
+    def unusable_subdirectories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Immediate subdirectories that cannot be used because their names are not valid UTF-8 (a
+        protobuf string and a PostgreSQL text value cannot hold them), shown with the bad bytes as
+        `\\xNN`. Not in `subdirectories` and never selectable: rename them to include them.
+        """
+
     def __init__(
         self,
         *,
@@ -374,10 +392,11 @@ class ScanDirectoryResponse(_message.Message):
         direct_image_count: _builtins.int = ...,
         truncated: _builtins.bool = ...,
         extensions: _abc.Iterable[_builtins.str] | None = ...,
+        unusable_subdirectories: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct_image_count", b"direct_image_count", "extensions", b"extensions", "path", b"path", "subdirectories", b"subdirectories", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct_image_count", b"direct_image_count", "extensions", b"extensions", "path", b"path", "subdirectories", b"subdirectories", "truncated", b"truncated", "unusable_subdirectories", b"unusable_subdirectories"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,7 +38,12 @@ class TrainingSessionServiceStub:
       forbids the call; the message names the current state and the call to use instead;
       ABORTED when a concurrent call changed the session first (retry after GetSession);
       RESOURCE_EXHAUSTED for limits; UNAVAILABLE only when a plain retry can work (database down,
-      server shutting down); INTERNAL for a bug (no stack trace is sent; the server logs it).
+      starting, full or in recovery; the session row locked by a worker's write for longer than the
+      call's deadline allows, at most 5 s; server shutting down), with a google.rpc.RetryInfo where
+      the server knows when to retry; INTERNAL for a bug (no stack trace is sent; the server logs it).
+    - A write waits for the session row's lock only as long as the call's deadline allows (minus a
+      margin, at most 5 s), so every call answers within its deadline. A worker that froze while
+      holding the lock loses it within seconds (PostgreSQL ends its transaction), so a retry works.
     - Every state transition is one guarded UPDATE: of concurrent conflicting calls exactly one wins,
       the others get FAILED_PRECONDITION with the state the winner left.
     - `request_id` (optional, at most 128 characters): a repeated request_id on the same RPC returns the
@@ -53,8 +58,11 @@ class TrainingSessionServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TrainingSessionServiceAsyncStub: ...
     CreateSession: _grpc.UnaryUnaryMultiCallable[_training_session_service_pb2.CreateSessionRequest, _training_session_service_pb2.CreateSessionResponse]
     """Creates a session over `root_path`, which must lie inside a configured library root
-    (IMAGETRAINING_LIBRARY_ROOTS). Subdirectories given are selected; with none given, the
-    immediate subdirectories of the root are added unselected (one bounded directory read).
+    (IMAGETRAINING_LIBRARY_ROOTS). Subdirectories given are selected (`root_path` itself may be
+    one: it stands for its own images and, recursively, everything under it, so a flat folder can
+    be trained); with none given, the choice is added unselected: `root_path` itself first when it
+    holds images directly, then its immediate subdirectories (bounded directory reads). A selected
+    directory inside another selected one is walked and counted once.
     Errors: INVALID_ARGUMENT for a relative path, `..`, NUL or control characters, a path over
     4096 bytes, a path outside the library roots (symlinks are resolved first), a path that is not an
     existing directory, a subdirectory outside `root_path`, a bad config, more than 1000
@@ -110,11 +118,17 @@ class TrainingSessionServiceStub:
     """
     PauseSession: _grpc.UnaryUnaryMultiCallable[_training_session_service_pb2.PauseSessionRequest, _training_session_service_pb2.PauseSessionResponse]
     """Pauses a DISCOVERING or RUNNING session; the worker stops within a second and keeps what it has
-    done. Errors: NOT_FOUND, FAILED_PRECONDITION in any other state.
+    done. Errors: NOT_FOUND, FAILED_PRECONDITION in any other state, UNAVAILABLE (retry) when the
+    session row stays locked past the deadline.
+    A worker pauses a session itself when its library goes offline (a library root, a selected
+    directory or a mount point under it missing, unreadable or replaced): `state_reason` then starts
+    with "library offline:" and names the path. Nothing is marked missing and the total is kept.
     """
     ResumeSession: _grpc.UnaryUnaryMultiCallable[_training_session_service_pb2.ResumeSessionRequest, _training_session_service_pb2.ResumeSessionResponse]
     """Resumes a PAUSED session where it stopped (DISCOVERING if the walk had not finished, else
-    RUNNING). Errors: NOT_FOUND, FAILED_PRECONDITION in any other state.
+    RUNNING) and clears `state_reason`. After an offline pause, bring the library back first: a
+    library still offline pauses the session again with the same reason. Errors: NOT_FOUND,
+    FAILED_PRECONDITION in any other state.
     """
     CancelSession: _grpc.UnaryUnaryMultiCallable[_training_session_service_pb2.CancelSessionRequest, _training_session_service_pb2.CancelSessionResponse]
     """Cancels a session in any non-terminal state. Late work by a worker never overwrites it.
@@ -137,8 +151,10 @@ class TrainingSessionServiceStub:
     messages relayed from the worker that owns the session (discovery progress at most every 100 ms
     while counters change, training progress, every state change, a heartbeat at least every 5 s),
     then the terminal state's message, then the stream ends with OK. A PENDING, PAUSED or queued
-    session gets its snapshot and then waits; client transitions (start, pause, resume, cancel) are
-    streamed too. Every message carries the cumulative counters and a `sequence` that strictly
+    session gets its snapshot, then a heartbeat at least every 5 s; client transitions (start,
+    pause, resume, cancel) are streamed too. When no worker stream can be relayed (no owner, or an
+    owner the control service cannot reach) messages are built from the stored session, at the
+    poll cadence. Every message carries the cumulative counters and a `sequence` that strictly
     increases, across worker crashes and takeovers as well: a missed message loses nothing.
     `after_sequence`: only newer messages (the snapshot only if the state moved on since); use the
     last sequence received to resume after any disconnect, on any control replica.
@@ -164,7 +180,12 @@ class TrainingSessionServiceAsyncStub(TrainingSessionServiceStub):
       forbids the call; the message names the current state and the call to use instead;
       ABORTED when a concurrent call changed the session first (retry after GetSession);
       RESOURCE_EXHAUSTED for limits; UNAVAILABLE only when a plain retry can work (database down,
-      server shutting down); INTERNAL for a bug (no stack trace is sent; the server logs it).
+      starting, full or in recovery; the session row locked by a worker's write for longer than the
+      call's deadline allows, at most 5 s; server shutting down), with a google.rpc.RetryInfo where
+      the server knows when to retry; INTERNAL for a bug (no stack trace is sent; the server logs it).
+    - A write waits for the session row's lock only as long as the call's deadline allows (minus a
+      margin, at most 5 s), so every call answers within its deadline. A worker that froze while
+      holding the lock loses it within seconds (PostgreSQL ends its transaction), so a retry works.
     - Every state transition is one guarded UPDATE: of concurrent conflicting calls exactly one wins,
       the others get FAILED_PRECONDITION with the state the winner left.
     - `request_id` (optional, at most 128 characters): a repeated request_id on the same RPC returns the
@@ -176,8 +197,11 @@ class TrainingSessionServiceAsyncStub(TrainingSessionServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateSession: _aio.UnaryUnaryMultiCallable[_training_session_service_pb2.CreateSessionRequest, _training_session_service_pb2.CreateSessionResponse]  # type: ignore[assignment]
     """Creates a session over `root_path`, which must lie inside a configured library root
-    (IMAGETRAINING_LIBRARY_ROOTS). Subdirectories given are selected; with none given, the
-    immediate subdirectories of the root are added unselected (one bounded directory read).
+    (IMAGETRAINING_LIBRARY_ROOTS). Subdirectories given are selected (`root_path` itself may be
+    one: it stands for its own images and, recursively, everything under it, so a flat folder can
+    be trained); with none given, the choice is added unselected: `root_path` itself first when it
+    holds images directly, then its immediate subdirectories (bounded directory reads). A selected
+    directory inside another selected one is walked and counted once.
     Errors: INVALID_ARGUMENT for a relative path, `..`, NUL or control characters, a path over
     4096 bytes, a path outside the library roots (symlinks are resolved first), a path that is not an
     existing directory, a subdirectory outside `root_path`, a bad config, more than 1000
@@ -233,11 +257,17 @@ class TrainingSessionServiceAsyncStub(TrainingSessionServiceStub):
     """
     PauseSession: _aio.UnaryUnaryMultiCallable[_training_session_service_pb2.PauseSessionRequest, _training_session_service_pb2.PauseSessionResponse]  # type: ignore[assignment]
     """Pauses a DISCOVERING or RUNNING session; the worker stops within a second and keeps what it has
-    done. Errors: NOT_FOUND, FAILED_PRECONDITION in any other state.
+    done. Errors: NOT_FOUND, FAILED_PRECONDITION in any other state, UNAVAILABLE (retry) when the
+    session row stays locked past the deadline.
+    A worker pauses a session itself when its library goes offline (a library root, a selected
+    directory or a mount point under it missing, unreadable or replaced): `state_reason` then starts
+    with "library offline:" and names the path. Nothing is marked missing and the total is kept.
     """
     ResumeSession: _aio.UnaryUnaryMultiCallable[_training_session_service_pb2.ResumeSessionRequest, _training_session_service_pb2.ResumeSessionResponse]  # type: ignore[assignment]
     """Resumes a PAUSED session where it stopped (DISCOVERING if the walk had not finished, else
-    RUNNING). Errors: NOT_FOUND, FAILED_PRECONDITION in any other state.
+    RUNNING) and clears `state_reason`. After an offline pause, bring the library back first: a
+    library still offline pauses the session again with the same reason. Errors: NOT_FOUND,
+    FAILED_PRECONDITION in any other state.
     """
     CancelSession: _aio.UnaryUnaryMultiCallable[_training_session_service_pb2.CancelSessionRequest, _training_session_service_pb2.CancelSessionResponse]  # type: ignore[assignment]
     """Cancels a session in any non-terminal state. Late work by a worker never overwrites it.
@@ -260,8 +290,10 @@ class TrainingSessionServiceAsyncStub(TrainingSessionServiceStub):
     messages relayed from the worker that owns the session (discovery progress at most every 100 ms
     while counters change, training progress, every state change, a heartbeat at least every 5 s),
     then the terminal state's message, then the stream ends with OK. A PENDING, PAUSED or queued
-    session gets its snapshot and then waits; client transitions (start, pause, resume, cancel) are
-    streamed too. Every message carries the cumulative counters and a `sequence` that strictly
+    session gets its snapshot, then a heartbeat at least every 5 s; client transitions (start,
+    pause, resume, cancel) are streamed too. When no worker stream can be relayed (no owner, or an
+    owner the control service cannot reach) messages are built from the stored session, at the
+    poll cadence. Every message carries the cumulative counters and a `sequence` that strictly
     increases, across worker crashes and takeovers as well: a missed message loses nothing.
     `after_sequence`: only newer messages (the snapshot only if the state moved on since); use the
     last sequence received to resume after any disconnect, on any control replica.
@@ -286,7 +318,12 @@ class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
       forbids the call; the message names the current state and the call to use instead;
       ABORTED when a concurrent call changed the session first (retry after GetSession);
       RESOURCE_EXHAUSTED for limits; UNAVAILABLE only when a plain retry can work (database down,
-      server shutting down); INTERNAL for a bug (no stack trace is sent; the server logs it).
+      starting, full or in recovery; the session row locked by a worker's write for longer than the
+      call's deadline allows, at most 5 s; server shutting down), with a google.rpc.RetryInfo where
+      the server knows when to retry; INTERNAL for a bug (no stack trace is sent; the server logs it).
+    - A write waits for the session row's lock only as long as the call's deadline allows (minus a
+      margin, at most 5 s), so every call answers within its deadline. A worker that froze while
+      holding the lock loses it within seconds (PostgreSQL ends its transaction), so a retry works.
     - Every state transition is one guarded UPDATE: of concurrent conflicting calls exactly one wins,
       the others get FAILED_PRECONDITION with the state the winner left.
     - `request_id` (optional, at most 128 characters): a repeated request_id on the same RPC returns the
@@ -302,8 +339,11 @@ class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_training_session_service_pb2.CreateSessionResponse, _abc.Awaitable[_training_session_service_pb2.CreateSessionResponse]]:
         """Creates a session over `root_path`, which must lie inside a configured library root
-        (IMAGETRAINING_LIBRARY_ROOTS). Subdirectories given are selected; with none given, the
-        immediate subdirectories of the root are added unselected (one bounded directory read).
+        (IMAGETRAINING_LIBRARY_ROOTS). Subdirectories given are selected (`root_path` itself may be
+        one: it stands for its own images and, recursively, everything under it, so a flat folder can
+        be trained); with none given, the choice is added unselected: `root_path` itself first when it
+        holds images directly, then its immediate subdirectories (bounded directory reads). A selected
+        directory inside another selected one is walked and counted once.
         Errors: INVALID_ARGUMENT for a relative path, `..`, NUL or control characters, a path over
         4096 bytes, a path outside the library roots (symlinks are resolved first), a path that is not an
         existing directory, a subdirectory outside `root_path`, a bad config, more than 1000
@@ -413,7 +453,11 @@ class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_training_session_service_pb2.PauseSessionResponse, _abc.Awaitable[_training_session_service_pb2.PauseSessionResponse]]:
         """Pauses a DISCOVERING or RUNNING session; the worker stops within a second and keeps what it has
-        done. Errors: NOT_FOUND, FAILED_PRECONDITION in any other state.
+        done. Errors: NOT_FOUND, FAILED_PRECONDITION in any other state, UNAVAILABLE (retry) when the
+        session row stays locked past the deadline.
+        A worker pauses a session itself when its library goes offline (a library root, a selected
+        directory or a mount point under it missing, unreadable or replaced): `state_reason` then starts
+        with "library offline:" and names the path. Nothing is marked missing and the total is kept.
         """
 
     @_abc_1.abstractmethod
@@ -423,7 +467,9 @@ class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_training_session_service_pb2.ResumeSessionResponse, _abc.Awaitable[_training_session_service_pb2.ResumeSessionResponse]]:
         """Resumes a PAUSED session where it stopped (DISCOVERING if the walk had not finished, else
-        RUNNING). Errors: NOT_FOUND, FAILED_PRECONDITION in any other state.
+        RUNNING) and clears `state_reason`. After an offline pause, bring the library back first: a
+        library still offline pauses the session again with the same reason. Errors: NOT_FOUND,
+        FAILED_PRECONDITION in any other state.
         """
 
     @_abc_1.abstractmethod
@@ -476,8 +522,10 @@ class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
         messages relayed from the worker that owns the session (discovery progress at most every 100 ms
         while counters change, training progress, every state change, a heartbeat at least every 5 s),
         then the terminal state's message, then the stream ends with OK. A PENDING, PAUSED or queued
-        session gets its snapshot and then waits; client transitions (start, pause, resume, cancel) are
-        streamed too. Every message carries the cumulative counters and a `sequence` that strictly
+        session gets its snapshot, then a heartbeat at least every 5 s; client transitions (start,
+        pause, resume, cancel) are streamed too. When no worker stream can be relayed (no owner, or an
+        owner the control service cannot reach) messages are built from the stored session, at the
+        poll cadence. Every message carries the cumulative counters and a `sequence` that strictly
         increases, across worker crashes and takeovers as well: a missed message loses nothing.
         `after_sequence`: only newer messages (the snapshot only if the state moved on since); use the
         last sequence received to resume after any disconnect, on any control replica.

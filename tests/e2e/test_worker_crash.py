@@ -1,7 +1,7 @@
 """Crash safety: kill -9 the worker at seven points across discovery and training, restart it, exact results.
 
 Each run: a worker process with IMAGETRAINING_FAULT_POINT=<point>:<n> SIGKILLs itself at the n-th
-pass through that point (discovery_worker.claims.fault_point); a second worker without the fault
+pass through that point (discovery_worker.faultpoints.fault_point); a second worker without the fault
 takes the session over once the dead one's lease expires. Afterwards: asset rows = image files,
 exactly one job per (session, asset), every counter equal to the true count.
 """

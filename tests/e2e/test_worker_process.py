@@ -34,7 +34,9 @@ def hostile_library(root: Path) -> tuple[Library, list[Path], dict[str, int]]:
     Returns the library, the top folders to select, and the true walk counts.
     """
     lib = build_library(root)
-    locked = root / "locked"
+    # Inside a selected folder: one unreadable directory of the library (a selected folder that is
+    # unreadable is the library being offline: tests/e2e/test_library_offline.py).
+    locked = root / "album0" / "locked"
     write_jpeg(locked / "hidden.jpg", 32, 24, seed=7)
     os.chmod(locked, 0o000)
     # A loop back to an ancestor (walked once, silently) and a link to itself (ELOOP: recorded).
@@ -44,12 +46,12 @@ def hostile_library(root: Path) -> tuple[Library, list[Path], dict[str, int]]:
     outside = root.parent / "outside"
     write_jpeg(outside / "secret.jpg", 32, 24, seed=8)
     (root / "album2" / "escape").symlink_to(outside, target_is_directory=True)
-    tops = sorted({root / p.relative_to(root).parts[0] for p in [*lib.image_files, *lib.non_images]} | {locked})
+    tops = sorted({root / p.relative_to(root).parts[0] for p in [*lib.image_files, *lib.non_images]})
     dirs = files = 0
     for top in tops:
-        if top == locked:
-            continue
-        for _d, _subdirs, names in os.walk(top):  # os.walk does not follow symlinks: the true tree
+        for _d, subdirs, names in os.walk(top):  # os.walk does not follow symlinks: the true tree
+            if Path(_d) == locked.parent:
+                subdirs.remove(locked.name)  # the worker cannot list it
             dirs += 1
             files += sum(1 for n in names if not os.path.islink(os.path.join(_d, n)))
     return lib, tops, {"directories_scanned": dirs, "files_seen": files, "unreadable_paths": 3}
@@ -101,7 +103,7 @@ async def test_worker_process_trains_a_hostile_library(clean_db: Database, db_ur
             " FROM discovery_issues WHERE session_id = :id",
             id=sid,
         )
-        assert f"{open_library / 'locked'}: Permission denied" in issues
+        assert f"{open_library / 'album0' / 'locked'}: Permission denied" in issues
         assert f"{open_library / 'album1' / 'self'}: broken symlink or symlink loop" in issues
         assert f"{open_library / 'album2' / 'escape'}: symlink points outside the library roots" in issues
         paths = {Path(j["path"]) for j in await ws.jobs(clean_db, sid)}
@@ -112,7 +114,7 @@ async def test_worker_process_trains_a_hostile_library(clean_db: Database, db_ur
     finally:
         worker.terminate()
         assert await worker.exited(15) == 0
-        os.chmod(open_library / "locked", 0o755)
+        os.chmod(open_library / "album0" / "locked", 0o755)
 
 
 async def test_sigterm_hands_the_session_back(clean_db: Database, db_url: str, open_library: Path) -> None:

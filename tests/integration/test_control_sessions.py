@@ -62,9 +62,14 @@ async def test_create_without_subdirectories_adds_the_immediate_ones_unselected(
     make_tree(library, {"b/x/": "", "a/": "", "c/1.jpg": "x", "top.jpg": "x"})
     session = await control.create(library, display_name="holiday")
     assert session.display_name == "holiday"
+    # The root holds an image directly (top.jpg): it is offered first, so a flat folder can be trained.
     assert [(s.path, s.selected) for s in session.subdirectories] == [
-        (str(library / n), False) for n in ("a", "b", "c")
+        (str(library), False),
+        *((str(library / n), False) for n in ("a", "b", "c")),
     ]
+    (library / "top.jpg").unlink()
+    session = await control.create(library, display_name="no loose images")
+    assert [s.path for s in session.subdirectories] == [str(library / n) for n in ("a", "b", "c")]
 
 
 async def test_create_validates_display_name_and_config(control: Control, library: Path) -> None:
@@ -73,6 +78,8 @@ async def test_create_validates_display_name_and_config(control: Control, librar
         ({"config": pb.SessionConfig(extensions=["exe"])}, "config.extensions"),
         ({"config": pb.SessionConfig(batch_size=50)}, "config.batch_size"),
         ({"config": pb.SessionConfig(batch_size=10_001)}, "config.batch_size"),
+        ({"config": pb.SessionConfig(near_duplicate_distance=9)}, "config.near_duplicate_distance"),
+        ({"config": pb.SessionConfig(near_duplicate_distance=-1)}, "config.near_duplicate_distance"),
         ({"request_id": "r" * 129}, "request_id"),
     ]
     for fields, field in cases:
@@ -83,6 +90,9 @@ async def test_create_validates_display_name_and_config(control: Control, librar
     )
     assert list(session.config.extensions) == ["png", "jpg"]
     assert session.config.recursive is False and session.config.batch_size == 100
+    assert session.config.near_duplicate_distance == 4  # the default, stated
+    session = await control.create(library, config=pb.SessionConfig(near_duplicate_distance=0))
+    assert session.config.HasField("near_duplicate_distance") and session.config.near_duplicate_distance == 0
 
 
 @pytest.mark.parametrize(

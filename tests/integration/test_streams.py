@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -93,6 +94,19 @@ async def read_rest(call: grpc.aio.UnaryStreamCall) -> list[pb.SessionEvent]:
     while (response := await call.read()) is not grpc.aio.EOF:
         events.append(response.event)
     return events
+
+
+async def read_until(
+    call: grpc.aio.UnaryStreamCall,
+    events: list[pb.SessionEvent],
+    state: int,
+    also: Callable[[pb.SessionEvent], bool] = lambda _event: True,
+) -> None:
+    """Read `call` into `events` until a message in `state` (that also satisfies `also`)."""
+    async for response in call:
+        events.append(response.event)
+        if response.event.state == state and also(response.event):
+            return
 
 
 def assert_increasing(events: list[pb.SessionEvent]) -> None:
@@ -269,9 +283,11 @@ async def test_subscriber_cap_and_disconnect_cleanup(pair: Pair, library: Path) 
 
 
 async def test_resume_with_after_sequence_sees_no_repeat_and_no_gap(pair: Pair, library: Path) -> None:
-    photos(library, folders=6, per_folder=60)
+    # 0.2 s per image: the first four messages cannot include the end, even on a loaded machine
+    # (with 5 ms per image the session could finish before the fourth message, leaving no tail).
+    photos(library, folders=2, per_folder=10)
     name = await create(pair.stub, library)
-    await pair.start_worker(pool_size=1, batch_size=100, trainer="tests.trainers:PacedTrainer")
+    await pair.start_worker(pool_size=1, batch_size=100, trainer="tests.trainers:SlowTrainer")
     await pair.stub.StartSession(api.StartSessionRequest(name=name))
     head = await collect(pair.stub, name, limit=4)  # a client that drops after four messages
     assert_increasing(head)
@@ -291,19 +307,16 @@ async def test_pause_and_resume_are_streamed_live(pair: Pair, library: Path) -> 
     events: list[pb.SessionEvent] = []
     call = pair.stub.WatchSession(api.WatchSessionRequest(name=name))
 
-    async def read_until(state: int) -> None:
-        async for response in call:
-            events.append(response.event)
-            if response.event.state == state:
-                return
+    def read_until_state(state: int) -> Coroutine[Any, Any, None]:
+        return read_until(call, events, state)
 
-    await asyncio.wait_for(read_until(pb.SESSION_STATE_RUNNING), 30)
+    await asyncio.wait_for(read_until_state(pb.SESSION_STATE_RUNNING), 30)
     await pair.stub.PauseSession(api.PauseSessionRequest(name=name))
-    await asyncio.wait_for(read_until(pb.SESSION_STATE_PAUSED), 10)
+    await asyncio.wait_for(read_until_state(pb.SESSION_STATE_PAUSED), 10)
     await pair.stub.ResumeSession(api.ResumeSessionRequest(name=name))
-    await asyncio.wait_for(read_until(pb.SESSION_STATE_RUNNING), 10)
+    await asyncio.wait_for(read_until_state(pb.SESSION_STATE_RUNNING), 10)
     await pair.stub.CancelSession(api.CancelSessionRequest(name=name))
-    await asyncio.wait_for(read_until(pb.SESSION_STATE_CANCELLED), 10)
+    await asyncio.wait_for(read_until_state(pb.SESSION_STATE_CANCELLED), 10)
     with contextlib.suppress(StopAsyncIteration):
         extra = [r async for r in call]
         assert extra == []
@@ -362,3 +375,156 @@ async def test_the_workers_own_stream_for_an_owned_session(pair: Pair, library: 
     assert events[-1].training.processed_images + events[-1].training.skipped_images == 300
     kinds = {e.kind for e in events}
     assert pb.EVENT_KIND_TRAINING_PROGRESS in kinds and pb.EVENT_KIND_STATE_CHANGE in kinds
+
+
+# ---- #10: what a subscriber sees is what GetSession says --------------------------------------
+
+
+def _counters(training: pb.TrainingProgress) -> tuple[int, int, int, int]:
+    return (training.processed_images, training.failed_images, training.skipped_images, training.total_images)
+
+
+async def test_every_message_of_an_unowned_session_carries_the_committed_counters(pair: Pair, library: Path) -> None:
+    """A finished, then a paused session: the snapshot and every later message show GetSession's counters."""
+    photos(library, folders=2, per_folder=10)
+    # One exact copy: the session skips it, so a "skipped 0" message would be caught.
+    (library / "album00" / "copy.JPG").write_bytes((library / "album00" / "img0000.JPG").read_bytes())
+    name = await create(pair.stub, library)
+    await pair.start_worker(pool_size=1, batch_size=100)
+    await pair.stub.StartSession(api.StartSessionRequest(name=name))
+
+    async def finished() -> bool:
+        got = (await pair.stub.GetSession(api.GetSessionRequest(name=name))).session
+        return got.state == pb.SESSION_STATE_COMPLETED
+
+    await wait_for(finished, timeout=60, what="the session to complete")
+    stored = (await pair.stub.GetSession(api.GetSessionRequest(name=name))).session
+    assert _counters(stored.progress) == (20, 0, 1, 21)
+    events = await collect(pair.stub, name)
+    assert events and events[0].kind == pb.EVENT_KIND_SNAPSHOT
+    for event in events:
+        assert _counters(event.training) == _counters(stored.progress), event
+        assert event.discovery.images_found == stored.discovery.images_found == 21
+
+    # Paused mid-run (no owner): the snapshot and the heartbeats carry the committed counters too.
+    await pair.stub.RestartSession(api.RestartSessionRequest(name=name))
+    await pair.stub.PauseSession(api.PauseSessionRequest(name=name))
+    paused = (await pair.stub.GetSession(api.GetSessionRequest(name=name))).session
+    assert paused.state == pb.SESSION_STATE_PAUSED
+    call = pair.stub.WatchSession(api.WatchSessionRequest(name=name))
+    first = (await asyncio.wait_for(call.read(), 10)).event
+    assert first.kind == pb.EVENT_KIND_SNAPSHOT and first.state == pb.SESSION_STATE_PAUSED
+    assert _counters(first.training) == _counters(paused.progress)
+    assert first.training.processed_images == 20
+
+
+async def test_an_unowned_stream_sends_heartbeats(pair: Pair, library: Path) -> None:
+    """A pending session: after its snapshot, a heartbeat at least every 5 s (a dead stream sends nothing)."""
+    (library / "a").mkdir()
+    name = await create(pair.stub, library)
+    call = pair.stub.WatchSession(api.WatchSessionRequest(name=name))
+    first = (await asyncio.wait_for(call.read(), 10)).event
+    assert first.kind == pb.EVENT_KIND_SNAPSHOT and first.state == pb.SESSION_STATE_PENDING
+    beats = []
+    for _ in range(2):
+        beats.append((await asyncio.wait_for(call.read(), 7)).event)
+    call.cancel()
+    assert [b.kind for b in beats] == [pb.EVENT_KIND_HEARTBEAT] * 2
+    assert first.sequence < beats[0].sequence < beats[1].sequence
+    assert all(b.state == pb.SESSION_STATE_PENDING for b in beats)
+
+
+def _announcements(events: list[pb.SessionEvent]) -> list[int]:
+    """The states as a subscriber is told them: the snapshot's, then each STATE_CHANGE's."""
+    return [e.state for e in events if e.kind in (pb.EVENT_KIND_SNAPSHOT, pb.EVENT_KIND_STATE_CHANGE)]
+
+
+def _assert_no_repeat(events: list[pb.SessionEvent]) -> None:
+    said = _announcements(events)
+    repeats = [s for s, t in itertools.pairwise(said) if s == t]
+    assert not repeats, [pb.SessionState.Name(s) for s in said]
+
+
+def _assert_unknown_total_is_indeterminate(events: list[pb.SessionEvent]) -> None:
+    for event in events:
+        if not event.discovery.total_final:
+            assert event.training.indeterminate, event
+            assert not event.training.HasField("percentage"), event
+            assert not event.training.HasField("eta"), event
+
+
+async def test_each_transition_is_announced_once_and_an_unknown_total_is_indeterminate(
+    pair: Pair, library: Path
+) -> None:
+    photos(library, folders=3, per_folder=60)
+    name = await create(pair.stub, library)
+    events: list[pb.SessionEvent] = []
+    call = pair.stub.WatchSession(api.WatchSessionRequest(name=name))
+
+    def read_until_state(state: int) -> Coroutine[Any, Any, None]:
+        return read_until(call, events, state, lambda e: e.kind != pb.EVENT_KIND_HEARTBEAT)
+
+    await asyncio.wait_for(read_until_state(pb.SESSION_STATE_PENDING), 10)
+    await pair.start_worker(pool_size=1, batch_size=50, trainer="tests.trainers:SlowTrainer")
+    await pair.stub.StartSession(api.StartSessionRequest(name=name))
+    await asyncio.wait_for(read_until_state(pb.SESSION_STATE_RUNNING), 60)
+    await pair.stub.PauseSession(api.PauseSessionRequest(name=name))
+    await asyncio.wait_for(read_until_state(pb.SESSION_STATE_PAUSED), 10)
+    await pair.stub.ResumeSession(api.ResumeSessionRequest(name=name))
+    await asyncio.wait_for(read_until_state(pb.SESSION_STATE_RUNNING), 10)
+    # Let the new owner's messages arrive before the end, so a repeated RUNNING would be seen.
+    done_before = events[-1].training.processed_images
+
+    async def progressed() -> bool:
+        return bool(events) and events[-1].training.processed_images > done_before + 2
+
+    reader = asyncio.create_task(read_until_state(pb.SESSION_STATE_CANCELLED))
+    await wait_for(progressed, timeout=30, what="training to go on after the resume")
+    await pair.stub.CancelSession(api.CancelSessionRequest(name=name))
+    await asyncio.wait_for(reader, 10)
+
+    said = _announcements(events)
+    assert said == [
+        pb.SESSION_STATE_PENDING,
+        pb.SESSION_STATE_DISCOVERING,
+        pb.SESSION_STATE_RUNNING,
+        pb.SESSION_STATE_PAUSED,
+        pb.SESSION_STATE_RUNNING,
+        pb.SESSION_STATE_CANCELLED,
+    ], [pb.SessionState.Name(s) for s in said]
+    _assert_no_repeat(events)
+    _assert_unknown_total_is_indeterminate(events)
+
+
+async def test_the_stream_and_get_session_use_one_rate_and_eta(pair: Pair, library: Path) -> None:
+    """#10 item 5: the worker's messages and GetSession computed the rate two ways; now one formula
+    (images per second of training time), so the paused and the finished session agree exactly."""
+    photos(library, folders=2, per_folder=25)
+    name = await create(pair.stub, library)
+    await pair.start_worker(pool_size=1, batch_size=50, trainer="tests.trainers:SlowTrainer")
+    await pair.stub.StartSession(api.StartSessionRequest(name=name))
+    events: list[pb.SessionEvent] = []
+    call = pair.stub.WatchSession(api.WatchSessionRequest(name=name))
+
+    def read_until_state(state: int) -> Coroutine[Any, Any, None]:
+        return read_until(call, events, state, lambda e: e.training.processed_images >= 3)
+
+    await asyncio.wait_for(read_until_state(pb.SESSION_STATE_RUNNING), 60)
+    running = events[-1].training
+    assert running.images_per_second > 0 and running.HasField("eta")
+    await pair.stub.PauseSession(api.PauseSessionRequest(name=name))
+    await asyncio.wait_for(read_until_state(pb.SESSION_STATE_PAUSED), 10)
+    call.cancel()
+    stored = (await pair.stub.GetSession(api.GetSessionRequest(name=name))).session.progress
+    assert not stored.HasField("eta"), "a paused session has no ETA"
+    # A new subscriber of the paused session: the same figures as GetSession, no ETA.
+    snapshot = (await collect(pair.stub, name, limit=1))[0]
+    assert snapshot.training.images_per_second == stored.images_per_second > 0
+    assert not snapshot.training.HasField("eta")
+    # To the end: the owner's terminal message carries the committed row's rate, as GetSession does.
+    await pair.stub.ResumeSession(api.ResumeSessionRequest(name=name))
+    tail = await asyncio.wait_for(collect(pair.stub, name, after=snapshot.sequence), 60)
+    assert tail[-1].state == pb.SESSION_STATE_COMPLETED
+    final = (await pair.stub.GetSession(api.GetSessionRequest(name=name))).session.progress
+    assert tail[-1].training.images_per_second == final.images_per_second > 0
+    assert not tail[-1].training.HasField("eta") and not final.HasField("eta")

@@ -7,8 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from discovery_worker import claims
-from discovery_worker.claims import RunContext, StopSignal
-from discovery_worker.discovery import DiscoveryTotals, FenceLost, WalkBatch, write_batch
+from discovery_worker.claims import FenceLost, RunContext, StopSignal
+from discovery_worker.discovery import DiscoveryTotals, WalkBatch, write_batch
 from discovery_worker.worker import run_worker
 from imagetraining.db.engine import Database
 from imagetraining.settings import Settings

@@ -292,9 +292,7 @@ def test_unavailable_server_exits_3() -> None:
     assert "is the control service running at 127.0.0.1:1?" in err
 
 
-def test_train_selects_every_subdirectory_starts_and_watches(
-    fake: tuple[FakeService, str], sleeps: list[float]
-) -> None:
+def test_train_selects_the_folder_itself_starts_and_watches(fake: tuple[FakeService, str], sleeps: list[float]) -> None:
     service, address = fake
     service.scan.subdirectories.extend(
         [tss.ScannedDirectory(path="/lib/photos/a", image_count=3), tss.ScannedDirectory(path="/lib/photos/b")]
@@ -315,20 +313,20 @@ def test_train_selects_every_subdirectory_starts_and_watches(
     assert list(create.config.extensions) == ["jpg", "png"]
     uuid.UUID(create.request_id)
     (update,) = service.method_calls("UpdateSubdirectories")
-    assert [(s.path, s.selected) for s in update.selections] == [("/lib/photos/a", True), ("/lib/photos/b", True)]
+    # The folder itself: its own images and everything under it (a flat folder trains the same way).
+    assert [(s.path, s.selected) for s in update.selections] == [("/lib/photos", True)]
     (start,) = service.method_calls("StartSession")
     assert start.name == NAME and uuid.UUID(start.request_id)
-    assert "started over 2 subdirectories (3 images)" in out
+    assert "started over /lib/photos (3 images)" in out
     assert "sessions/7: COMPLETED: processed 3" in out
 
 
-def test_train_without_subdirectories_says_what_to_do(fake: tuple[FakeService, str]) -> None:
+def test_train_without_images_says_what_to_do(fake: tuple[FakeService, str]) -> None:
     service, address = fake
-    service.scan.direct_image_count = 42
+    service.scan.subdirectories.append(tss.ScannedDirectory(path="/lib/photos/empty"))
     code, _, err = run(address, "train", "/lib/photos")
     assert code == 2
-    assert "/lib/photos has no subdirectories (42 images directly in it)" in err
-    assert "imagetraining sessions create /lib --subdir photos" in err
+    assert "no images in /lib/photos or its subdirectories" in err and "--ext" in err
     assert service.method_calls("CreateSession") == []
 
 

@@ -57,6 +57,7 @@ def test_percentage_is_absent_while_the_total_is_not_final() -> None:
 
 def test_percentage_counts_processed_failed_and_skipped() -> None:
     row = session_row(
+        state="running",
         total_final=True,
         total_images=200,
         images_found=200,
@@ -69,6 +70,18 @@ def test_percentage_counts_processed_failed_and_skipped() -> None:
     assert not p.indeterminate and p.percentage == 75.0
     assert p.images_per_second == 10.0
     assert p.eta.seconds == 5
+
+
+@pytest.mark.parametrize("state", ["paused", "pending", "completed", "cancelled", "failed"])
+def test_only_a_running_session_has_an_eta(state: str) -> None:
+    """Paused (or queued, or ended): the rate stays (it excludes paused time), the ETA is absent."""
+    row = session_row(
+        state=state, total_final=True, total_images=200, images_found=200, processed_images=100, training_seconds=10.0
+    )
+    p = convert.training_progress(row)
+    assert p.images_per_second == 10.0 and p.percentage == 50.0
+    assert not p.HasField("eta")
+    assert convert.training_progress({**row, "state": "running"}).eta.seconds == 10
 
 
 def test_a_final_total_of_zero_divides_nothing() -> None:
@@ -112,7 +125,7 @@ def test_session_to_proto() -> None:
         session_row(state="cancelled", state_reason="cancelled by a client", end_time=T0), subdirectories
     )
     assert s.name == "sessions/19" and s.state == pb.SESSION_STATE_CANCELLED
-    assert s.config == pb.SessionConfig(extensions=["png"], recursive=False, batch_size=500)
+    assert s.config == pb.SessionConfig(extensions=["png"], recursive=False, batch_size=500, near_duplicate_distance=4)
     assert s.config.HasField("recursive")
     assert s.subdirectories[0] == pb.Subdirectory(path="/lib/holiday/a", selected=True, image_count=3, trained_count=1)
     assert s.create_time.ToDatetime(tzinfo=dt.UTC) == T0 and s.end_time.ToDatetime(tzinfo=dt.UTC) == T0

@@ -7,7 +7,7 @@ import io
 from google.protobuf.duration_pb2 import Duration
 from rich.console import Console
 
-from imagetraining.display import Outcomes, SessionDisplay, reason_group
+from imagetraining.cli.display import Outcomes, SessionDisplay, reason_group
 from imagetraining.v1 import resources_pb2 as pb
 
 NAME = "sessions/7"
@@ -133,6 +133,23 @@ def test_live_display_shows_each_phase() -> None:
     assert any(line.startswith("truncated") and " 1 " in line for line in lines)
     assert any(line.startswith("duplicate") and " 2 " in line and "/lib/photos/b/4.jpg" in line for line in lines)
     assert "imagetraining jobs 7 --state failed" in text
+
+
+def test_the_truncation_note_is_below_both_groups_not_in_the_failed_rows() -> None:
+    console = terminal_console()
+    display = SessionDisplay(console, auto_refresh=False)
+    with display:
+        display.update(
+            state_change(2, pb.SESSION_STATE_COMPLETED, "", total_images=5, failed_images=3, skipped_images=2)
+        )
+    partial = outcomes()
+    partial.truncated = True
+    display.finish(partial)
+    lines = [line.strip("│ ").strip() for line in console.export_text().splitlines()]
+    note = next(i for i, line in enumerate(lines) if line.startswith("Reasons counted over the first"))
+    reasons = [i for i, line in enumerate(lines) if line.startswith(("corrupt", "truncated", "duplicate"))]
+    assert reasons and note > max(reasons)
+    assert "e.g." not in lines[note]
 
 
 def test_indeterminate_training_shows_no_percentage() -> None:

@@ -78,3 +78,35 @@ async def test_a_new_block_is_reserved_before_the_ceiling() -> None:
     await wait_for(extended, timeout=5, what="a reservation")
     await events.close()
     assert len(reserved) == 1
+
+
+async def test_numbers_taken_above_the_block_by_a_control_service_move_the_owner_above_them() -> None:
+    """A relay that cannot reach this owner numbers row messages above its block (relay.MINT_SEQUENCE):
+    once the watcher reports the row's counter, the owner reserves a new block and numbers above it."""
+    row_counter = 200_000  # the claim reserved (100_000, 200_000]
+
+    async def reserve() -> int:
+        nonlocal row_counter
+        row_counter += 100_000
+        return row_counter
+
+    events, fan = make(first=100_001, ceiling=200_000, reserve=reserve, min_interval=10, heartbeat_interval=60)
+    sub = fan.subscribe(0)
+    events.start()
+    events.acknowledge(200_001)  # the owner's own transition (discovering -> running) raised the row by one
+    events.note_row_sequence(200_001)
+    events.set_state(pb.SESSION_STATE_RUNNING)
+    row_counter = 200_003  # a control service minted 200_002 and 200_003 for row messages
+    events.note_row_sequence(200_003)
+
+    async def moved() -> bool:
+        return events._next > 200_003
+
+    await wait_for(moved, timeout=5, what="the owner to number above the minted sequences")
+    events.set_state(pb.SESSION_STATE_COMPLETED, "done")
+    await events.close()
+    seen = []
+    while (item := await sub.get()) is not None:
+        seen.append(item.sequence)
+    assert seen[:2] == [100_001, 100_002]  # its own transition did not move it
+    assert seen[-1] == 200_004  # the first number of the block reserved above the minted ones

@@ -89,6 +89,22 @@ async def test_subscriber_cap_is_process_wide_and_released() -> None:
     assert budget.count == 2
 
 
+def test_budget_check_takes_no_place_and_refusals_are_logged_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    budget = SubscriberBudget(1)
+    budget.check()  # room: no error, no place taken
+    assert budget.count == 0
+    budget.acquire()
+    with caplog.at_level("WARNING", logger="imagetraining.fanout"):
+        for _ in range(3):
+            with pytest.raises(ResourceExhausted, match="IMAGETRAINING_MAX_SUBSCRIBERS"):
+                budget.check()
+        with pytest.raises(ResourceExhausted):
+            budget.acquire()
+    assert budget.count == 1 and budget.refused == 4
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "IMAGETRAINING_MAX_SUBSCRIBERS=1" in warnings[0]
+
+
 async def test_waiting_reader_wakes_on_publish() -> None:
     fan = Fanout(SubscriberBudget(10), idle_seconds=60)
     sub = fan.subscribe(0)

@@ -134,6 +134,38 @@ def test_truncated(tmp_path: Path, writer: Any) -> None:
     assert (result.width, result.height) == (320, 240)
 
 
+@pytest.mark.parametrize(
+    ("name", "writer", "expected"),
+    [
+        # Full length, random pixel data: damaged content, not a short file (was `truncated`).
+        ("scrambled.png", lambda p: images.write_scrambled_png(p, 96, 64, seed=3), "corrupt"),
+        # A real JPEG's first 600 or 200 bytes: an aborted copy (600 bytes was `corrupt`).
+        ("head600.jpg", lambda p: images.write_jpeg_head(p, 600), "truncated"),
+        ("head200.jpg", lambda p: images.write_jpeg_head(p, 200), "truncated"),
+        # A PNG cut inside its first chunks, and a WebP cut in half (was `corrupt`).
+        ("head40.png", lambda p: p.write_bytes(images.write_png(p, 96, 64).read_bytes()[:40]) and p, "truncated"),
+        ("cut.webp", lambda p: images.write_truncated_webp(p, 96, 64), "truncated"),
+        # Random bytes after a JPEG marker, and a PNG whose pixel chunk fails its CRC: corrupt.
+        ("garbage.jpg", images.write_corrupt_jpeg, "corrupt"),
+    ],
+)
+def test_each_failure_class_matches_its_cause(tmp_path: Path, name: str, writer: Any, expected: str) -> None:
+    path = tmp_path / name
+    writer(path)
+    result = run(path)
+    assert (result.ok, result.error_class) == (False, expected), result.error_message
+
+
+def test_a_png_whose_chunk_fails_its_crc_is_corrupt(tmp_path: Path) -> None:
+    path = images.write_png(tmp_path / "crc.png", 96, 64)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"IDAT") + 4
+    data[at + 10] ^= 0xFF  # one flipped byte inside the pixel data, CRC left as it was
+    path.write_bytes(bytes(data))
+    result = run(path)
+    assert (result.ok, result.error_class) == (False, "corrupt"), result.error_message
+
+
 def test_empty(tmp_path: Path) -> None:
     result = run(images.write_empty(tmp_path / "zero.jpeg"))
     assert result.error_class == "empty"

@@ -17,6 +17,7 @@ import pytest
 
 from imagetraining.formats import DEFAULT_EXTENSIONS
 from imagetraining.settings import Settings, SettingsError
+from tests.certs import make_certs
 from tests.conftest import PYTHON, ROOT
 
 
@@ -83,6 +84,39 @@ def test_library_roots_required(value: str | None) -> None:
     with pytest.raises(SettingsError) as info:
         Settings.from_env(env)
     assert info.value.variable == "IMAGETRAINING_LIBRARY_ROOTS"
+
+
+@pytest.mark.parametrize("value", ["/", "//", "/tmp/..", "/./"])
+def test_the_whole_file_system_is_not_a_library_root(base: dict[str, str], value: str) -> None:
+    """`/` would let every request walk, count and expose every file of the machine."""
+    assert "whole file system" in str(refused(base, "IMAGETRAINING_LIBRARY_ROOTS", value))
+    elsewhere = os.pathsep.join([base["IMAGETRAINING_LIBRARY_ROOTS"], value])
+    refused(base, "IMAGETRAINING_LIBRARY_ROOTS", elsewhere)
+
+
+def test_a_root_holding_the_embedded_database_is_refused(tmp_path: Path) -> None:
+    """With DATABASE_URL unset the data directory holds PostgreSQL's files: no root may contain it."""
+    data = tmp_path / "photos" / "data"
+    data.mkdir(parents=True)
+    for root in (tmp_path / "photos", data):
+        with pytest.raises(SettingsError) as info:
+            Settings.from_env({"IMAGETRAINING_LIBRARY_ROOTS": str(root), "IMAGETRAINING_DATA_DIR": str(data)})
+        assert info.value.variable == "IMAGETRAINING_LIBRARY_ROOTS"
+        assert "IMAGETRAINING_DATA_DIR" in str(info.value) and "embedded PostgreSQL" in str(info.value)
+    # With another database the data directory holds no database: the same root is fine.
+    s = Settings.from_env(
+        {
+            "IMAGETRAINING_LIBRARY_ROOTS": str(tmp_path / "photos"),
+            "IMAGETRAINING_DATA_DIR": str(data),
+            "DATABASE_URL": "postgresql://u@h/db",
+        }
+    )
+    assert s.library_roots == ((tmp_path / "photos").resolve(),)
+    # A root inside the data directory (make run's demo library) is fine.
+    demo = data / "demo-library"
+    demo.mkdir()
+    s = Settings.from_env({"IMAGETRAINING_LIBRARY_ROOTS": str(demo), "IMAGETRAINING_DATA_DIR": str(data)})
+    assert s.library_roots == (demo.resolve(),)
 
 
 def test_library_roots_bad(base: dict[str, str], tmp_path: Path) -> None:
@@ -181,6 +215,7 @@ NUMBERS: list[tuple[str, str, float, float, list[float]]] = [
     ("IMAGETRAINING_POLL_SECONDS", "poll_seconds", 2.0, 0.1, [0.01, 601.0]),
     ("IMAGETRAINING_SUBSCRIBER_IDLE_SECONDS", "subscriber_idle_seconds", 30.0, 1.0, [0.01, 3601.0]),
     ("IMAGETRAINING_GRACE_SECONDS", "grace_seconds", 5.0, 0.0, [-1.0, 601.0]),
+    ("IMAGETRAINING_DATABASE_WAIT_SECONDS", "database_wait_seconds", 30.0, 0.0, [-1.0, 3601.0]),
 ]
 
 
@@ -202,6 +237,20 @@ def test_free_text(base: dict[str, str]) -> None:
     assert s.auth_token == "s3cret"
 
 
+@pytest.mark.parametrize(
+    "token",
+    ["Zq9cret\n", "Zq9\ncret", "Zq9cret\r", "Zq9 cret", "Zq9\tcret", "Zq9crét", "Zq9cret\u00a0", "Zq9\x7fcret"],
+)
+def test_auth_token_that_cannot_travel_as_metadata_is_refused(base: dict[str, str], token: str) -> None:
+    """gRPC sends only visible ASCII in a header: anything else failed every client with "Invalid metadata"."""
+    err = refused(base, "IMAGETRAINING_AUTH_TOKEN", token)
+    assert "visible ASCII" in str(err)
+    assert "Zq9" not in str(err), "the message must not repeat the token"
+    # Every visible ASCII character is fine.
+    visible = "".join(chr(c) for c in range(0x21, 0x7F))
+    assert parse(base, IMAGETRAINING_AUTH_TOKEN=visible).auth_token == visible
+
+
 def test_trainer(base: dict[str, str]) -> None:
     assert parse(base, IMAGETRAINING_TRAINER="my.pkg.mod:Trainer").trainer == "my.pkg.mod:Trainer"
     for bad in ("my.pkg.mod.Trainer", ":Trainer", "my.pkg:"):
@@ -220,9 +269,8 @@ def test_heartbeat_must_be_shorter_than_lease(base: dict[str, str]) -> None:
 
 
 def test_tls_files(base: dict[str, str], tmp_path: Path) -> None:
-    cert, key, ca = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem"
-    for f in (cert, key, ca):
-        f.write_text("-----BEGIN-----\n")
+    certs = make_certs(tmp_path / "tls", ["localhost"])
+    cert, key, ca = certs.cert, certs.key, certs.ca
     s = parse(
         base,
         IMAGETRAINING_TLS_CERT_FILE=str(cert),
@@ -239,6 +287,28 @@ def test_tls_files(base: dict[str, str], tmp_path: Path) -> None:
             parse(base, **only)
         assert info.value.variable == "IMAGETRAINING_TLS_CERT_FILE"
         assert "IMAGETRAINING_TLS_KEY_FILE" in str(info.value)
+
+
+def test_unusable_tls_files_are_named_at_start(base: dict[str, str], tmp_path: Path) -> None:
+    """gRPC said only "Failed to bind to address"; the stdlib's ssl loads each file and the variable is named."""
+    certs = make_certs(tmp_path / "tls", ["localhost"])
+    other = make_certs(tmp_path / "other", ["localhost"])
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    pair = {"IMAGETRAINING_TLS_CERT_FILE": str(certs.cert), "IMAGETRAINING_TLS_KEY_FILE": str(certs.key)}
+    cases = [
+        ({**pair, "IMAGETRAINING_TLS_CERT_FILE": str(garbage)}, "IMAGETRAINING_TLS_CERT_FILE"),
+        ({**pair, "IMAGETRAINING_TLS_CERT_FILE": str(certs.key)}, "IMAGETRAINING_TLS_CERT_FILE"),  # a key, not a cert
+        ({**pair, "IMAGETRAINING_TLS_KEY_FILE": str(garbage)}, "IMAGETRAINING_TLS_KEY_FILE"),
+        ({**pair, "IMAGETRAINING_TLS_KEY_FILE": str(other.key)}, "IMAGETRAINING_TLS_KEY_FILE"),  # another cert's key
+        ({**pair, "IMAGETRAINING_TLS_CA_FILE": str(garbage)}, "IMAGETRAINING_TLS_CA_FILE"),
+    ]
+    for env, variable in cases:
+        with pytest.raises(SettingsError) as info:
+            parse(base, **env)
+        assert info.value.variable == variable, (env, str(info.value))
+        assert "\n" not in str(info.value)
+        assert str(info.value).startswith(f"{variable}: ")
 
 
 # --- the processes ----------------------------------------------------------------------------

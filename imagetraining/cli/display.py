@@ -32,11 +32,10 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from imagetraining.convert import TERMINAL_PROTO
 from imagetraining.v1 import resources_pb2 as pb
 
-TERMINAL_STATES = frozenset(
-    {pb.SESSION_STATE_COMPLETED, pb.SESSION_STATE_CANCELLED, pb.SESSION_STATE_FAILED},
-)
+TERMINAL_STATES = TERMINAL_PROTO  # the one definition: imagetraining/states.py
 _STATE_STYLES: dict[int, str] = {
     pb.SESSION_STATE_PENDING: "yellow",
     pb.SESSION_STATE_DISCOVERING: "cyan",
@@ -395,9 +394,10 @@ class SessionDisplay:
             body.add_row(Text(label, "bold"), f"{total:,}", "")
             for reason, group in sorted(groups.items(), key=lambda kv: (-kv[1].count, kv[0])):
                 body.add_row(f"  {reason}", f"{group.count:,}", Text(f"e.g. {group.example}", "dim"))
-        if outcomes and outcomes.truncated:
-            body.add_row(Text("  (reasons from the first jobs only)", "dim"), "", "")
         parts: list[RenderableType] = [body]
+        if outcomes and outcomes.truncated:
+            # Below the table, not a row of it: it is about both groups, not the last reason listed.
+            parts.append(Text("Reasons counted over the first skipped and failed jobs only.", "dim italic"))
         if v.state_reason:
             parts.append(Text(f"Reason: {v.state_reason}", state_style(v.state)))
         if v.state == pb.SESSION_STATE_FAILED:

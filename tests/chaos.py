@@ -425,7 +425,8 @@ class Round:
         # figure read before the kill would make the recovery look shorter than it was).
         await self.mark()
         await asyncio.to_thread(c.pg.start)
-        return "kill -9 PostgreSQL, restarted (crash recovery)"
+        retried = f" (started at attempt {c.pg.start_attempts})" if c.pg.start_attempts > 1 else ""
+        return f"kill -9 PostgreSQL, restarted (crash recovery){retried}"
 
     async def library_away(self) -> str | None:
         c = self.c

@@ -90,6 +90,8 @@ class PgInstance:
         self._port = port
         self._fixed_port = port is not None
         self._started_once = False
+        # How many spawns the latest start() needed (1 unless a restart had to be retried).
+        self.start_attempts = 0
         self._socket_dir: Path | None = None
         self._own_socket_dir = False
         self._proc: subprocess.Popen[bytes] | None = None
@@ -143,10 +145,11 @@ class PgInstance:
         self._prepare_root()
         self._give(self.data)
         subprocess.run(
-            [str(self.bin / "initdb"), "-D", str(self.data), "--auth=trust", "--auth-local=trust", *INITDB_OPTIONS],
+            self._as_user(
+                [str(self.bin / "initdb"), "-D", str(self.data), "--auth=trust", "--auth-local=trust", *INITDB_OPTIONS]
+            ),
             check=True,
             capture_output=True,
-            user=self._user,
             timeout=120,
         )
 
@@ -158,23 +161,28 @@ class PgInstance:
         start picks another.
         """
         self._remove_standby_signal()
-        for attempt in range(3):
+        attempts = 5 if self._started_once else 3
+        failures: list[str] = []
+        for attempt in range(attempts):
             self._spawn({})
             try:
                 self._wait_ping(READY, timeout, "PostgreSQL to accept connections")
                 self._started_once = True
+                self.start_attempts = attempt + 1
                 return
-            except RuntimeError:
+            except RuntimeError as exc:
+                failures.append(f"attempt {attempt + 1}: {exc}")
                 log = self.log_since_start()
-                if self._started_once and attempt < 2:
+                last = attempt == attempts - 1
+                if self._started_once and not last:
                     # A restart after a crash: the dead server's last processes may still hold its
                     # shared memory or port for a moment. Try again, as an operator would.
                     self._reap()
                     time.sleep(1.0)  # backoff between start attempts, not a synchronisation
                     continue
                 taken = "could not bind" in log or "already in use" in log
-                if self._started_once or self._fixed_port or not taken or attempt == 2:
-                    raise
+                if self._started_once or self._fixed_port or not taken or last:
+                    raise RuntimeError("\n".join(failures)) from None
                 self._reap()
                 self._port = None
 
@@ -295,15 +303,26 @@ class PgInstance:
         self._log_offset = self._log.tell()
         self._give(self.log_path)
         self._proc = subprocess.Popen(
-            args,
+            self._as_user(args),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            user=self._user,
             # Its own session: a Ctrl-C meant for pytest reaches the test's finaliser, which stops it.
             start_new_session=True,
             cwd=self.data,
         )
+
+    def _as_user(self, args: list[str]) -> list[str]:
+        """`args` run as the PostgreSQL user, switched by setpriv after exec (root only).
+
+        Not Popen's `user=`: that calls setreuid in the forked child, between fork and exec, and the
+        chaos run starts PostgreSQL from a thread of a process full of threads (asyncio, gRPC); a
+        restart there once died with SIGSEGV before PostgreSQL wrote a line, three times in a row.
+        setpriv execs PostgreSQL in its place, so the pid is still the postmaster's.
+        """
+        if self._user is None:
+            return args
+        return ["setpriv", f"--reuid={self._user}", f"--regid={self._user}", "--init-groups", *args]
 
     def _ping(self) -> int:
         result = subprocess.run(

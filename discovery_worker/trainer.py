@@ -84,7 +84,7 @@ class DemoTrainer(DefaultTrainer):
 
     The demo's 30 images would otherwise train in about 0.15 s: over before a WatchSession started
     by hand shows anything. At this pace the README's walkthrough shows the live stream on the demo
-    (imagetraining/devrun.py picks it only when it generates the demo and IMAGETRAINING_TRAINER is
+    (imagetraining/devrun/app.py picks it only when it generates the demo and IMAGETRAINING_TRAINER is
     unset).
     """
 

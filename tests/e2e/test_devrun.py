@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from imagetraining.devrun import demo_image_count, ensure_demo_library
+from imagetraining.devrun.demo import demo_image_count, ensure_demo_library
 from imagetraining.formats import DEFAULT_EXTENSIONS
 from imagetraining.walk import FoundFile, Walk
 from tests.conftest import PYTHON, ROOT, wait_for

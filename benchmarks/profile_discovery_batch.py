@@ -1,4 +1,4 @@
-"""Where one discovery batch spends its time: the statements of `discovery.write_batch`, timed apart.
+"""Where one discovery batch spends its time: the statements of `recorder.write_batch`, timed apart.
 
     python benchmarks/profile_discovery_batch.py [--url postgresql://...] [--no-fk]
 
@@ -19,7 +19,8 @@ import time
 import asyncpg
 from sqlalchemy import text
 
-from discovery_worker import discovery as d
+from discovery_worker import recorder
+from imagetraining import transitions
 from imagetraining.db.engine import Database, with_database
 from imagetraining.db.migrate import upgrade
 from imagetraining.walk import FoundFile
@@ -62,10 +63,10 @@ async def main(url: str, no_fk: bool) -> None:
                     if no_fk:
                         await conn.execute(text("SET LOCAL session_replication_role = replica"))
                     t0 = time.perf_counter()
-                    await d._record(conn, sid, files)
+                    await recorder._record(conn, sid, files)
                     t1 = t2 = time.perf_counter()
                     await conn.execute(
-                        d._ADVANCE,
+                        transitions.ADVANCE_DISCOVERY,
                         {
                             "id": sid,
                             "directories_scanned": b,

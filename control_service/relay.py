@@ -13,7 +13,7 @@ or an owner the control service cannot reach: TLS name mismatch, partition, froz
 publishes the session row itself, every message built from the committed row (`convert.session_event`):
 state, reason and counters are those GetSession shows at that moment, never a copy of an older
 message. A row message is numbered by the row's `event_sequence` when that is new (every committed
-transition raises it); otherwise the feed takes a fresh number from the row (`MINT_SEQUENCE`, one
+transition raises it); otherwise the feed takes a fresh number from the row (`transitions.MINT_SEQUENCE`, one
 UPDATE), so sequences stay strictly increasing for every subscriber of every control replica, across
 restarts. An owner that sees the row's counter pass its reserved block moves its own numbering above
 it (discovery_worker/streams.py), so its next messages are newer still.
@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 from sqlalchemy import text
 
-from imagetraining import convert
+from imagetraining import convert, transitions
 from imagetraining.db import faults
 from imagetraining.db.engine import Database
 from imagetraining.errors import NotFound, Unavailable
@@ -66,16 +66,6 @@ _ROW_SQL = text(
     SELECT *, (owner_id IS NOT NULL AND lease_expires_at > now()) AS leased
       FROM training_sessions
      WHERE id = :id
-    """
-)
-# A fresh sequence number for a message the feed builds from the row. SKIP LOCKED: a row locked by a
-# worker's write (or a frozen worker's, until PostgreSQL ends it) is skipped this time, not waited for.
-MINT_SEQUENCE = text(
-    """
-    UPDATE training_sessions
-       SET event_sequence = event_sequence + 1
-     WHERE id = (SELECT id FROM training_sessions WHERE id = :id FOR UPDATE SKIP LOCKED)
-    RETURNING *, (owner_id IS NOT NULL AND lease_expires_at > now()) AS leased
     """
 )
 
@@ -196,7 +186,7 @@ class Feed:
     async def _mint(self) -> Mapping[str, Any] | None:
         """The row with a fresh event_sequence, or None when the row is locked right now (try later)."""
         async with self.relay.db.engine.begin() as conn:
-            row = (await conn.execute(MINT_SEQUENCE, {"id": self.session_id})).mappings().first()
+            row = (await conn.execute(transitions.MINT_SEQUENCE, {"id": self.session_id})).mappings().first()
         return None if row is None else dict(row)
 
     async def _publish_row(self, row: Mapping[str, Any], *, heartbeat: bool = False) -> None:

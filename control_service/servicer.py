@@ -12,9 +12,10 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from control_service.inputs import validate_config
 from control_service.pages import job_state_filter, session_state_filter
 from control_service.refusals import request_deadline
-from control_service.sessions import Sessions, validate_config
+from control_service.sessions import Sessions
 from imagetraining import convert
 from imagetraining.errors import Unimplemented
 from imagetraining.names import parse_session_name

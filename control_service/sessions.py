@@ -1,7 +1,11 @@
-"""The control service's use cases: every SQL statement and every state transition it makes.
+"""The control service's use cases: create, read, list, edit and move sessions.
+
+The statements that change a session's state are `imagetraining.transitions`'s (the state machine
+both services share); refusals say what to do instead (control_service/refusals.py); counting the
+files of ScanDirectory and ValidateSession is control_service/counting.py's.
 
 Rules kept here (see docs/architecture.md):
-- Every transition is one guarded `UPDATE training_sessions ... WHERE id = :id AND state = ANY(:allowed)`.
+- Every transition is one guarded UPDATE (`transitions.Transition`: `WHERE id = :id AND state = ANY(:allowed)`).
   Zero rows means someone else moved the session first (or it never was in an allowed state): the
   current state is read back and the caller gets FAILED_PRECONDITION naming it and the call to use
   instead. Of concurrent conflicting calls exactly one wins; PostgreSQL's row lock decides.
@@ -16,8 +20,8 @@ Rules kept here (see docs/architecture.md):
   `NOTIFY imagetraining_sessions, '<id>'` in the same transaction (delivered on commit): a wake-up
   for workers and the relay, never a source of truth.
 - Job rows are changed set-based (one statement), never in a per-row loop.
-- `request_id` makes CreateSession, StartSession and RestartSession safe to retry: the first answer is
-  stored in `idempotency_keys` in the same transaction as the change and returned again.
+- `request_id` makes CreateSession, StartSession and RestartSession safe to retry
+  (control_service/idempotency.py).
 """
 
 from __future__ import annotations
@@ -26,16 +30,23 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from sqlalchemy import RowMapping, text
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control_service.counting import Counting, ScanOutcome, Validation
+from control_service.idempotency import Idempotency
+from control_service.inputs import (
+    MAX_DISPLAY_NAME,
+    MAX_PATHS_PER_REQUEST,
+    MAX_SUBDIRECTORIES_PER_SESSION,
+    check_display_name,
+)
 from control_service.pages import decode_token, encode_token, page_size_of
 from control_service.refusals import (
     concurrent_change,
@@ -44,18 +55,16 @@ from control_service.refusals import (
     session_busy,
     wrong_state,
 )
-from imagetraining import convert, walk
+from imagetraining import convert, transitions, walk
 from imagetraining.db import faults
 from imagetraining.db.engine import Database
-from imagetraining.duplicates import NEAR_DUPLICATE_DISTANCE_DEFAULT, NEAR_DUPLICATE_DISTANCE_MAX
 from imagetraining.errors import (
-    ApiError,
     InvalidArgument,
     NotFound,
     PreconditionViolation,
     ResourceExhausted,
 )
-from imagetraining.formats import DEFAULT_EXTENSIONS, describe, normalize_extensions
+from imagetraining.formats import DEFAULT_EXTENSIONS, describe
 from imagetraining.names import session_name
 from imagetraining.notifications import notify
 from imagetraining.paths import resolve_directory
@@ -63,35 +72,10 @@ from imagetraining.settings import Settings
 from imagetraining.states import ACTIVE_STATES, JobState, SessionState
 from imagetraining.v1 import resources_pb2 as pb
 
-MAX_DISPLAY_NAME = 200
-MAX_REQUEST_ID = 128
-MAX_PATHS_PER_REQUEST = 1000
-# A session holds at most this many subdirectory rows in all (a quota: RESOURCE_EXHAUSTED).
-MAX_SUBDIRECTORIES_PER_SESSION = 10_000
 SESSIONS_PAGE_DEFAULT, SESSIONS_PAGE_MAX = 50, 500
 JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX = 100, 1000
-BATCH_SIZE_MIN, BATCH_SIZE_MAX = 100, 10_000
 
-S = SessionState
-STARTABLE = (S.PENDING, S.FAILED)
-PAUSABLE = (S.DISCOVERING, S.RUNNING)
-RESUMABLE = (S.PAUSED,)
-CANCELLABLE = (S.PENDING, S.DISCOVERING, S.RUNNING, S.PAUSED)
-RESTARTABLE = (S.COMPLETED, S.CANCELLED, S.FAILED)
-# Config, selection and deletion: anything but an active run.
-EDITABLE = tuple(s for s in SessionState if s not in ACTIVE_STATES)
-
-# Columns a new run starts from (StartSession, RestartSession).
-_RESET_RUN = """
-    start_time = now(), end_time = NULL, state_reason = '', resume_state = NULL, attempts = 0,
-    owner_id = NULL, owner_address = NULL, lease_expires_at = NULL"""
-_RESET_DISCOVERY = """
-    total_final = false, directories_scanned = 0, files_seen = 0, images_found = 0,
-    assets_new = 0, assets_changed = 0, assets_unchanged = 0, unreadable_paths = 0,
-    current_directory = '', discovery_checkpoint = NULL,
-    discovery_started_at = NULL, discovery_finished_at = NULL"""
 _SET_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :ms, true)")
-_HAS_SELECTION = "EXISTS (SELECT 1 FROM session_subdirectories WHERE session_id = :id AND selected)"
 
 _SUBDIRECTORIES = text(
     """
@@ -101,52 +85,6 @@ _SUBDIRECTORIES = text(
      ORDER BY path
     """
 )
-# --------------------------------------------------------------------------------------------------
-# Input validation (no I/O).
-
-
-def validate_config(
-    extensions: Sequence[str],
-    recursive: bool | None,
-    batch_size: int,
-    field: str = "config",
-    near_duplicate_distance: int | None = None,
-    skip_near_duplicates: bool = False,
-) -> dict[str, Any]:
-    """A SessionConfig as stored: {"extensions": [...], "recursive": bool, "batch_size": int,
-    "near_duplicate_distance": int}."""
-    try:
-        exts = normalize_extensions(extensions)
-    except ValueError as err:
-        raise InvalidArgument.field(f"{field}.extensions", str(err)) from None
-    if batch_size != 0 and not BATCH_SIZE_MIN <= batch_size <= BATCH_SIZE_MAX:
-        raise InvalidArgument.field(
-            f"{field}.batch_size", f"{batch_size} is not 0 (the default) or {BATCH_SIZE_MIN}..{BATCH_SIZE_MAX}"
-        )
-    distance = NEAR_DUPLICATE_DISTANCE_DEFAULT if near_duplicate_distance is None else near_duplicate_distance
-    if not 0 <= distance <= NEAR_DUPLICATE_DISTANCE_MAX:
-        raise InvalidArgument.field(
-            f"{field}.near_duplicate_distance", f"{distance} is not in 0..{NEAR_DUPLICATE_DISTANCE_MAX} (bits of dHash)"
-        )
-    return {
-        "extensions": list(exts),
-        "recursive": True if recursive is None else recursive,
-        "batch_size": batch_size,
-        "near_duplicate_distance": distance,
-        "skip_near_duplicates": skip_near_duplicates,
-    }
-
-
-def _check_display_name(display_name: str) -> None:
-    if len(display_name) > MAX_DISPLAY_NAME:
-        raise InvalidArgument.field("display_name", f"is longer than {MAX_DISPLAY_NAME} characters")
-
-
-def _check_request_id(request_id: str) -> None:
-    if len(request_id) > MAX_REQUEST_ID:
-        raise InvalidArgument.field("request_id", f"is longer than {MAX_REQUEST_ID} characters; use a UUID")
-
-
 # --------------------------------------------------------------------------------------------------
 # Results that are not a Session.
 
@@ -160,10 +98,6 @@ class Progress:
     discovery: pb.DiscoveryProgress
 
 
-class _Replay(Exception):
-    """Another call with the same request_id committed first: answer with what it stored."""
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -175,6 +109,7 @@ class Sessions:
         self.settings = settings
         self.roots = settings.library_roots
         self.counting = Counting(settings)
+        self.idempotency = Idempotency(db, self._begin)
 
     @contextlib.asynccontextmanager
     async def _begin(self, call: str, session_id: int | None) -> AsyncIterator[AsyncConnection]:
@@ -290,100 +225,13 @@ class Sessions:
         token = encode_token(int(page[-1]["id"]), scope) if len(rows) > limit else ""
         return [convert.job_to_proto(r) for r in page], token
 
-    # ---- idempotency ---------------------------------------------------------------------------
-
-    async def _stored_answer(self, method: str, request_id: str, session_id: int | None) -> pb.Session | None:
-        async with self.db.reads.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        "SELECT session_id, response FROM idempotency_keys"
-                        " WHERE method = :method AND request_id = :request_id"
-                    ),
-                    {"method": method, "request_id": request_id},
-                )
-            ).first()
-        if row is None:
-            return None
-        if session_id is not None and row.session_id != session_id:
-            raise InvalidArgument.field(
-                "request_id", f"was already used for {method} on sessions/{row.session_id}; use a fresh one"
-            )
-        return pb.Session.FromString(row.response)
-
-    async def _idempotent(
-        self,
-        method: str,
-        request_id: str,
-        session_id: int | None,
-        work: Callable[[AsyncConnection], Awaitable[pb.Session]],
-    ) -> pb.Session:
-        """Run `work` in one transaction; with a request_id, store its answer there or replay the first."""
-        if not request_id:
-            async with self._begin(method, session_id) as conn:
-                return await work(conn)
-        _check_request_id(request_id)
-        stored = await self._stored_answer(method, request_id, session_id)
-        if stored is not None:
-            return stored
-        try:
-            async with self._begin(method, session_id) as conn:
-                session = await work(conn)
-                inserted = (
-                    await conn.execute(
-                        text(
-                            """
-                            INSERT INTO idempotency_keys (method, request_id, session_id, response)
-                            VALUES (:method, :request_id, :session_id, :response)
-                            ON CONFLICT DO NOTHING
-                            RETURNING request_id
-                            """
-                        ),
-                        {
-                            "method": method,
-                            "request_id": request_id,
-                            "session_id": _id_of(session.name),
-                            "response": session.SerializeToString(),
-                        },
-                    )
-                ).first()
-                if inserted is None:
-                    raise _Replay
-                return session
-        except (_Replay, ApiError, IntegrityError):
-            # A concurrent call with the same request_id may have won: its answer is the answer.
-            stored = await self._stored_answer(method, request_id, session_id)
-            if stored is not None:
-                return stored
-            raise
-
     # ---- transitions ---------------------------------------------------------------------------
 
-    async def _transition(
-        self,
-        conn: AsyncConnection,
-        session_id: int,
-        call: str,
-        allowed: Sequence[SessionState],
-        assignments: str,
-        *,
-        need_selection: bool = False,
-    ) -> RowMapping:
+    async def _transition(self, conn: AsyncConnection, session_id: int, t: transitions.Transition) -> RowMapping:
         """One guarded UPDATE; on zero rows, the reason as an API error. Wakes the workers."""
-        guard = f"AND {_HAS_SELECTION}" if need_selection else ""
-        sql = f"""
-            UPDATE training_sessions
-               SET {assignments},
-                   update_time = now(),
-                   event_sequence = event_sequence + 1
-             WHERE id = :id
-               AND state = ANY(:allowed)
-               {guard}
-            RETURNING *"""
-        params = {"id": session_id, "allowed": [s.value for s in allowed]}
-        row = (await conn.execute(text(sql), params)).mappings().first()
+        row = (await conn.execute(t.statement, t.params(session_id))).mappings().first()
         if row is None:
-            await self._refusal(conn, session_id, call, allowed, need_selection)
+            await self._refusal(conn, session_id, t.call, t.source, t.need_selection)
         await notify(conn, session_id)
         return row
 
@@ -393,7 +241,9 @@ class Sessions:
         """Why a guarded UPDATE matched no row, as the error the client gets. Always raises."""
         current = (
             await conn.execute(
-                text(f"SELECT state, {_HAS_SELECTION} AS has_selection FROM training_sessions WHERE id = :id"),
+                text(
+                    f"SELECT state, {transitions.HAS_SELECTION} AS has_selection FROM training_sessions WHERE id = :id"
+                ),
                 {"id": session_id},
             )
         ).first()
@@ -410,112 +260,47 @@ class Sessions:
         """StartSession: pending|failed -> discovering, committed and NOTIFYed. Touches no file."""
 
         async def work(conn: AsyncConnection) -> pb.Session:
-            row = await self._transition(
-                conn,
-                session_id,
-                "StartSession",
-                STARTABLE,
-                f"state = 'discovering', run_scope = 'all', {_RESET_RUN}, {_RESET_DISCOVERY}",
-                need_selection=True,
-            )
-            # Jobs a failed run left `running` are picked up again (not counted by any counter).
-            return await self._proto(conn, row)
+            return await self._proto(conn, await self._transition(conn, session_id, transitions.START))
 
-        return await self._idempotent("StartSession", request_id, session_id, work)
+        return await self.idempotency.run("StartSession", request_id, session_id, work)
 
     async def restart(self, session_id: int, failed_only: bool, request_id: str = "") -> pb.Session:
         """RestartSession: completed|cancelled|failed -> discovering (all) or running (failed only)."""
 
         async def work(conn: AsyncConnection) -> pb.Session:
             if not failed_only:
-                row = await self._transition(
-                    conn,
-                    session_id,
-                    "RestartSession",
-                    RESTARTABLE,
-                    f"state = 'discovering', run_scope = 'all', {_RESET_RUN}, {_RESET_DISCOVERY}",
-                    need_selection=True,
-                )
-                return await self._proto(conn, row)
-            await self._transition(
-                conn,
-                session_id,
-                "RestartSession",
-                RESTARTABLE,
-                "state = CASE WHEN total_final THEN 'running' ELSE 'discovering' END,"
-                f" run_scope = 'failed_only', {_RESET_RUN}",
-                need_selection=True,
-            )
-            # Failed jobs back to pending and the counter down by as many, in one statement.
-            row = (
-                (
-                    await conn.execute(
-                        text(
-                            """
-                            WITH retried AS (
-                                UPDATE training_jobs
-                                   SET state = 'pending', error_class = '', error_message = '', update_time = now()
-                                 WHERE session_id = :id AND state = 'failed'
-                                RETURNING 1
-                            )
-                            UPDATE training_sessions
-                               SET failed_images = failed_images - (SELECT count(*) FROM retried)
-                             WHERE id = :id
-                            RETURNING *
-                            """
-                        ),
-                        {"id": session_id},
-                    )
-                )
-                .mappings()
-                .one()
-            )
+                return await self._proto(conn, await self._transition(conn, session_id, transitions.RESTART_ALL))
+            await self._transition(conn, session_id, transitions.RESTART_FAILED)
+            row = (await conn.execute(transitions.RETRY_FAILED_JOBS, {"id": session_id})).mappings().one()
             return await self._proto(conn, row)
 
-        return await self._idempotent("RestartSession", request_id, session_id, work)
+        return await self.idempotency.run("RestartSession", request_id, session_id, work)
 
-    async def _simple_transition(
-        self, session_id: int, call: str, allowed: Sequence[SessionState], assignments: str
-    ) -> pb.Session:
-        async with self._begin(call, session_id) as conn:
-            row = await self._transition(conn, session_id, call, allowed, assignments)
-            return await self._proto(conn, row)
+    async def _simple_transition(self, session_id: int, t: transitions.Transition) -> pb.Session:
+        async with self._begin(t.call, session_id) as conn:
+            return await self._proto(conn, await self._transition(conn, session_id, t))
 
     async def pause(self, session_id: int) -> pb.Session:
         """PauseSession: discovering|running -> paused, remembering where to resume."""
-        return await self._simple_transition(
-            session_id, "PauseSession", PAUSABLE, "state = 'paused', resume_state = state"
-        )
+        return await self._simple_transition(session_id, transitions.PAUSE)
 
     async def resume(self, session_id: int) -> pb.Session:
         """ResumeSession: paused -> the state it paused from."""
-        return await self._simple_transition(
-            session_id,
-            "ResumeSession",
-            RESUMABLE,
-            "state = COALESCE(resume_state, 'discovering'), resume_state = NULL, state_reason = ''",
-        )
+        return await self._simple_transition(session_id, transitions.RESUME)
 
     async def cancel(self, session_id: int) -> pb.Session:
         """CancelSession: any non-terminal state -> cancelled (workers never overwrite it)."""
-        return await self._simple_transition(
-            session_id,
-            "CancelSession",
-            CANCELLABLE,
-            "state = 'cancelled', end_time = now(), state_reason = 'cancelled by a client'",
-        )
+        return await self._simple_transition(session_id, transitions.CANCEL)
 
     async def delete(self, session_id: int) -> None:
         """DeleteSession: one guarded DELETE; subdirectories and jobs cascade, assets stay."""
         async with self._begin("DeleteSession", session_id) as conn:
+            allowed = transitions.EDITABLE
             deleted = (
-                await conn.execute(
-                    text("DELETE FROM training_sessions WHERE id = :id AND state = ANY(:allowed) RETURNING id"),
-                    {"id": session_id, "allowed": [s.value for s in EDITABLE]},
-                )
+                await conn.execute(transitions.DELETE, {"id": session_id, "allowed": [s.value for s in allowed]})
             ).first()
             if deleted is None:
-                await self._refusal(conn, session_id, "DeleteSession", EDITABLE, False)
+                await self._refusal(conn, session_id, "DeleteSession", allowed, False)
             await notify(conn, session_id)
 
     # ---- edits ---------------------------------------------------------------------------------
@@ -545,36 +330,19 @@ class Sessions:
     async def update(self, session_id: int, display_name: str | None, config: dict[str, Any] | None) -> pb.Session:
         """UpdateSession: rename in any state; replace the config unless a run is active."""
         if display_name is not None:
-            _check_display_name(display_name)
+            check_display_name(display_name)
             if not display_name.strip():
                 raise InvalidArgument.field("display_name", "must not be empty")
         async with self._begin("UpdateSession", session_id) as conn:
             current = await self._lock(conn, session_id, "UpdateSession")
             if config is not None and current["state"] in ACTIVE_STATES:
                 raise wrong_state("UpdateSession", session_id, current["state"])
-            row = (
-                (
-                    await conn.execute(
-                        text(
-                            """
-                            UPDATE training_sessions
-                               SET display_name = COALESCE(:display_name, display_name),
-                                   config = COALESCE(CAST(:config AS jsonb), config),
-                                   update_time = now()
-                             WHERE id = :id
-                            RETURNING *
-                            """
-                        ),
-                        {
-                            "id": session_id,
-                            "display_name": display_name,
-                            "config": None if config is None else json.dumps(config),
-                        },
-                    )
-                )
-                .mappings()
-                .one()
-            )
+            params = {
+                "id": session_id,
+                "display_name": display_name,
+                "config": None if config is None else json.dumps(config),
+            }
+            row = (await conn.execute(transitions.EDIT, params)).mappings().one()
             return await self._proto(conn, row)
 
     def _resolve_selections(self, root: str, selections: Sequence[tuple[str, bool]]) -> dict[str, bool]:
@@ -618,16 +386,7 @@ class Sessions:
                         f"{MAX_SUBDIRECTORIES_PER_SESSION} per session: select a parent directory instead",
                         metadata={"limit": str(MAX_SUBDIRECTORIES_PER_SESSION)},
                     )
-            row = (
-                (
-                    await conn.execute(
-                        text("UPDATE training_sessions SET update_time = now() WHERE id = :id RETURNING *"),
-                        {"id": session_id},
-                    )
-                )
-                .mappings()
-                .one()
-            )
+            row = (await conn.execute(transitions.TOUCH, {"id": session_id})).mappings().one()
             return await self._proto(conn, row)
 
     # ---- create --------------------------------------------------------------------------------
@@ -671,12 +430,11 @@ class Sessions:
         request_id: str = "",
     ) -> pb.Session:
         """CreateSession: resolve and check the paths (in a thread), insert the session and its rows."""
-        _check_display_name(display_name)
+        check_display_name(display_name)
         if len(subdirectories) > MAX_PATHS_PER_REQUEST:
             raise InvalidArgument.field("subdirectories", f"at most {MAX_PATHS_PER_REQUEST} per request")
         if request_id:
-            _check_request_id(request_id)
-            stored = await self._stored_answer("CreateSession", request_id, None)
+            stored = await self.idempotency.stored("CreateSession", request_id, None)
             if stored is not None:
                 return stored
         root, paths, selected = await asyncio.to_thread(
@@ -715,7 +473,7 @@ class Sessions:
                 )
             return await self._proto(conn, await self._row(conn, session_id))
 
-        return await self._idempotent("CreateSession", request_id, None, work)
+        return await self.idempotency.run("CreateSession", request_id, None, work)
 
     # ---- counting (bounded, in a thread) -------------------------------------------------------
 
@@ -735,8 +493,8 @@ class Sessions:
         exts = tuple(config.extensions)
         name = session_name(session_id)
         problems: list[PreconditionViolation] = []
-        if state not in STARTABLE and state not in RESTARTABLE:
-            call = "StartSession" if state is S.PENDING else "RestartSession"
+        if state not in transitions.START.source and state not in transitions.RESTART_ALL.source:
+            call = "StartSession" if state is SessionState.PENDING else "RestartSession"
             problems.append(wrong_state(call, session_id, state).violations[0])
         selected = [s["path"] for s in subdirectories if s["selected"]]
         if not selected:
@@ -766,8 +524,3 @@ class Sessions:
             subdirectories_selected=len(selected),
             supported_formats=exts,
         )
-
-
-def _id_of(name: str) -> int:
-    """The id of a "sessions/{id}" name this module produced itself."""
-    return int(name.rsplit("/", 1)[1])

@@ -1,4 +1,4 @@
-"""Claim, heartbeat and release of training sessions, with epoch fencing; crash-test fault points.
+"""Claim, heartbeat and release of training sessions, with epoch fencing.
 
 The session row is the lease (see docs/architecture.md). A claim bumps `epoch`; every later write of
 this worker about the session starts with `fence()`, a guarded UPDATE of the session row on
@@ -6,7 +6,8 @@ this worker about the session starts with `fence()`, a guarded UPDATE of the ses
 protects. When another worker has claimed the session since (our lease expired), or a client
 paused, cancelled or deleted it, the fence matches no row, the caller rolls back, and nothing of the
 stale worker reaches the database. Lease times use the database clock only (`now()`), so worker
-clocks never matter.
+clocks never matter. The statements themselves are in `imagetraining.transitions` with every other
+write of a session's state, lease or counters.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from imagetraining import transitions
 from imagetraining.db.engine import Database
 from imagetraining.notifications import notify
 
-# Sequence numbers a claim reserves for its event stream (see discovery_worker.events).
-SEQUENCE_BLOCK = 100_000
 ACTIVE = ("discovering", "running")
 
 
@@ -52,110 +52,13 @@ class Claim:
     row: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-_FAIL_EXHAUSTED = text(
-    """
-    UPDATE training_sessions
-       SET state = 'failed',
-           state_reason = 'worker crashed ' || attempts || ' times on this session',
-           end_time = now(), update_time = now(), current_directory = '',
-           owner_id = NULL, owner_address = NULL, lease_expires_at = NULL,
-           event_sequence = event_sequence + 1
-     WHERE id IN (
-           SELECT id FROM training_sessions
-            WHERE state IN ('discovering', 'running')
-              AND (owner_id IS NULL OR lease_expires_at < now())
-              AND attempts >= :max_attempts
-            ORDER BY id
-              FOR UPDATE SKIP LOCKED)
-    RETURNING id, attempts
-    """
-)
-
-_CLAIM = text(
-    """
-    UPDATE training_sessions
-       SET owner_id = :owner,
-           owner_address = :address,
-           lease_expires_at = now() + make_interval(secs => :lease),
-           epoch = epoch + 1,
-           attempts = attempts + 1,
-           event_sequence = event_sequence + :block,
-           discovery_started_at = CASE WHEN state = 'discovering'
-                                       THEN COALESCE(discovery_started_at, now())
-                                       ELSE discovery_started_at END,
-           update_time = now()
-     WHERE id = (
-           SELECT id FROM training_sessions
-            WHERE state IN ('discovering', 'running')
-              AND (owner_id IS NULL OR lease_expires_at < now())
-              AND id <> ALL(CAST(:busy AS bigint[]))
-            ORDER BY id
-              FOR UPDATE SKIP LOCKED
-            LIMIT 1)
-    RETURNING *
-    """
-)
-
-_HEARTBEAT = text(
-    """
-    UPDATE training_sessions
-       SET lease_expires_at = now() + make_interval(secs => :lease)
-     WHERE id = :id AND epoch = :epoch AND owner_id = :owner
-    RETURNING id
-    """
-)
-
-# A graceful hand-back (pause, cancel, shutdown) is not a crash: the attempt is given back, so that
-# pausing and resuming a session many times never exhausts IMAGETRAINING_MAX_ATTEMPTS.
-_RELEASE = text(
-    """
-    UPDATE training_sessions
-       SET owner_id = NULL, owner_address = NULL, lease_expires_at = NULL,
-           attempts = GREATEST(attempts - :give_back, 0)
-     WHERE id = :id AND epoch = :epoch AND owner_id = :owner
-    RETURNING id
-    """
-)
-
-_FENCE = text(
-    """
-    UPDATE training_sessions
-       SET update_time = now()
-     WHERE id = :id AND epoch = :epoch AND owner_id = :owner AND state = :state
-    RETURNING discovery_checkpoint
-    """
-)
-
-_RESERVE = text(
-    """
-    UPDATE training_sessions
-       SET event_sequence = event_sequence + :block
-     WHERE id = :id AND epoch = :epoch AND owner_id = :owner
-    RETURNING event_sequence
-    """
-)
-
-# The library went offline (discovery_worker/library.py): paused where it was, with the path in the
-# reason, handed back (owner cleared) with the attempt given back: an offline NAS is not a crash.
-_PAUSE_OFFLINE = text(
-    """
-    UPDATE training_sessions
-       SET state = 'paused', resume_state = state, state_reason = :reason, current_directory = '',
-           owner_id = NULL, owner_address = NULL, lease_expires_at = NULL,
-           attempts = GREATEST(attempts - 1, 0),
-           update_time = now(), event_sequence = event_sequence + 1
-     WHERE id = :id AND epoch = :epoch AND owner_id = :owner AND state IN ('discovering', 'running')
-    RETURNING *
-    """
-)
-
 _WATCH = text("SELECT state, epoch, owner_id, event_sequence FROM training_sessions WHERE id = :id")
 
 
 async def fail_exhausted(db: Database, max_attempts: int) -> list[tuple[int, int]]:
     """Sessions whose workers died `max_attempts` times end `failed`; returns (id, attempts) of each."""
     async with db.engine.begin() as conn:
-        rows = (await conn.execute(_FAIL_EXHAUSTED, {"max_attempts": max_attempts})).all()
+        rows = (await conn.execute(transitions.FAIL_EXHAUSTED, {"max_attempts": max_attempts})).all()
         for row in rows:
             await notify(conn, row.id)
     return [(int(r.id), int(r.attempts)) for r in rows]
@@ -174,10 +77,9 @@ async def claim_one(
         "address": address,
         "lease": lease_seconds,
         "busy": list(busy),
-        "block": SEQUENCE_BLOCK,
     }
     async with db.engine.begin() as conn:
-        row = (await conn.execute(_CLAIM, params)).first()
+        row = (await conn.execute(transitions.CLAIM, params)).first()
         if row is not None:
             # Subscribers' relays learn the new owner now, not at their next poll.
             await notify(conn, int(row.id))
@@ -199,8 +101,8 @@ async def reserve_sequences(db: Database, claim: Claim) -> int:
     async with db.engine.begin() as conn:
         row = (
             await conn.execute(
-                _RESERVE,
-                {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id, "block": SEQUENCE_BLOCK},
+                transitions.RESERVE_SEQUENCES,
+                {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id},
             )
         ).first()
     if row is None:
@@ -213,7 +115,7 @@ async def heartbeat(db: Database, claim: Claim, lease_seconds: float) -> bool:
     async with db.engine.begin() as conn:
         row = (
             await conn.execute(
-                _HEARTBEAT,
+                transitions.HEARTBEAT,
                 {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id, "lease": lease_seconds},
             )
         ).first()
@@ -229,7 +131,7 @@ async def release(db: Database, claim: Claim, *, graceful: bool) -> bool:
     async with db.engine.begin() as conn:
         row = (
             await conn.execute(
-                _RELEASE,
+                transitions.RELEASE,
                 {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id, "give_back": int(graceful)},
             )
         ).first()
@@ -245,7 +147,7 @@ async def fence(conn: AsyncConnection, claim: Claim, state: str) -> dict[str, An
     """
     row = (
         await conn.execute(
-            _FENCE, {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id, "state": state}
+            transitions.FENCE, {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id, "state": state}
         )
     ).first()
     if row is None:
@@ -260,7 +162,7 @@ async def pause_offline(db: Database, claim: Claim, reason: str) -> dict[str, An
         row = (
             (
                 await conn.execute(
-                    _PAUSE_OFFLINE,
+                    transitions.PAUSE_OFFLINE,
                     {"id": claim.session_id, "epoch": claim.epoch, "owner": claim.owner_id, "reason": reason[:2000]},
                 )
             )

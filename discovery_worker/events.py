@@ -26,9 +26,9 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
-from discovery_worker.claims import SEQUENCE_BLOCK
 from imagetraining import convert
 from imagetraining.fanout import Fanout
+from imagetraining.transitions import SEQUENCE_BLOCK
 from imagetraining.v1 import resources_pb2 as pb
 
 __all__ = ["SEQUENCE_BLOCK", "SessionEvents"]

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from discovery_worker import claims
-from discovery_worker.claims import SEQUENCE_BLOCK, Claim
+from discovery_worker.claims import Claim
 from discovery_worker.events import SessionEvents
 from imagetraining import convert
 from imagetraining.db.engine import Database
@@ -24,6 +24,7 @@ from imagetraining.errors import FailedPrecondition, PreconditionViolation, Unav
 from imagetraining.fanout import Fanout, SubscriberBudget
 from imagetraining.names import parse_session_name
 from imagetraining.streaming import pump
+from imagetraining.transitions import SEQUENCE_BLOCK
 from imagetraining.v1 import discovery_worker_service_pb2 as wpb
 from imagetraining.v1 import discovery_worker_service_pb2_grpc as wgrpc
 from imagetraining.v1 import resources_pb2 as pb

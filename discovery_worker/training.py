@@ -41,11 +41,12 @@ from typing import Any
 from sqlalchemy import text
 
 from discovery_worker.claims import FenceLost, RunContext, fence
-from discovery_worker.discovery import load_plan, nested_ids
 from discovery_worker.faultpoints import fault_point
 from discovery_worker.hashing import HASH_ALGORITHM, ImageResult
 from discovery_worker.library import SUSPECT_ERROR_CLASSES, Anchor, Anchors
+from discovery_worker.plan import load_plan, nested_ids
 from discovery_worker.pool import TrainingPool
+from imagetraining import transitions
 from imagetraining.duplicates import (
     SKIP_EXACT_DUPLICATE,
     SKIP_NEAR_DUPLICATE,
@@ -115,120 +116,6 @@ _WRITE_ASSETS = text(
                   CAST(:features AS text[]), CAST(:sizes AS bigint[]), CAST(:mtimes AS bigint[]))
            AS r(asset_id, perceptual_hash, digest, width, height, format, features, size_bytes, mtime_ns)
      WHERE a.id = r.asset_id
-    """
-)
-
-# skip_near_duplicates: kept images of earlier chunks that a better look-alike replaces, completed ->
-# skipped, with the counters in the same statement (the replacing image completes in the same
-# transaction, so `processed_images` never goes down between two commits).
-_DEMOTE = text(
-    """
-    WITH r AS (
-        SELECT * FROM unnest(CAST(:asset_ids AS bigint[]), CAST(:near_of AS bigint[]),
-                             CAST(:distances AS smallint[])) AS t(asset_id, near_of, distance)
-    ),
-    done AS (
-        UPDATE training_jobs j
-           SET state = 'skipped', skip_reason = 'near_duplicate', near_duplicate_of_asset_id = r.near_of,
-               near_duplicate_distance = r.distance, update_time = now()
-          FROM r
-         WHERE j.session_id = :id AND j.asset_id = r.asset_id AND j.state = 'completed'
-        RETURNING j.id
-    ),
-    repointed AS (  -- images skipped in favour of a replaced one now name the image kept instead
-        UPDATE training_jobs j
-           SET near_duplicate_of_asset_id = r.near_of,
-               near_duplicate_distance = bit_count(CAST('x' || a.perceptual_hash AS bit(64))
-                                                   # CAST('x' || k.perceptual_hash AS bit(64))),
-               update_time = now()
-          FROM r, image_assets a, image_assets k
-         WHERE j.session_id = :id AND j.state = 'skipped' AND j.skip_reason = 'near_duplicate'
-           AND j.near_duplicate_of_asset_id = r.asset_id
-           AND a.id = j.asset_id AND k.id = r.near_of
-        RETURNING j.id
-    )
-    UPDATE training_sessions
-       SET processed_images = processed_images - (SELECT count(*) FROM done),
-           skipped_images = skipped_images + (SELECT count(*) FROM done)
-     WHERE id = :id
-    """
-)
-
-# Jobs, counters and per-subdirectory trained counts in one statement: they cannot disagree.
-_WRITE_JOBS = text(
-    """
-    WITH r AS (
-        SELECT * FROM unnest(CAST(:job_ids AS bigint[]), CAST(:states AS text[]), CAST(:error_classes AS text[]),
-                             CAST(:error_messages AS text[]), CAST(:skip_reasons AS text[]),
-                             CAST(:duplicate_of AS bigint[]), CAST(:near_of AS bigint[]),
-                             CAST(:near_distances AS smallint[]))
-                 AS t(job_id, state, error_class, error_message, skip_reason, duplicate_of, near_of, near_distance)
-    ),
-    target AS (
-        -- One primary-key probe per job of the chunk (LIMIT 1: unique). Filtering the UPDATE on
-        -- session and state let the planner hash every pending job of the session for every chunk
-        -- (stale statistics after the bulk insert of jobs), which made training quadratic.
-        SELECT r.*
-          FROM r
-          CROSS JOIN LATERAL (
-                SELECT x.id FROM training_jobs x
-                 WHERE x.id = r.job_id AND x.session_id = :id AND x.state = 'pending'
-                 LIMIT 1) x
-    ),
-    done AS (
-        UPDATE training_jobs j
-           SET state = t.state, error_class = t.error_class, error_message = t.error_message,
-               skip_reason = t.skip_reason, duplicate_of_asset_id = t.duplicate_of,
-               near_duplicate_of_asset_id = t.near_of, near_duplicate_distance = t.near_distance,
-               attempts = j.attempts + 1, update_time = now()
-          FROM target t
-         WHERE j.id = t.job_id
-        RETURNING j.asset_id, j.subdirectory_id, j.state
-    ),
-    credited AS (  -- the selected directory that found the image, and selected directories nested in it
-        SELECT subdirectory_id AS id FROM done WHERE state IN ('completed', 'skipped')
-        UNION ALL
-        SELECT s2.id
-          FROM done
-          JOIN image_assets a ON a.id = done.asset_id
-          JOIN session_subdirectories s2
-            ON s2.id = ANY(CAST(:nested_ids AS bigint[])) AND starts_with(a.path, rtrim(s2.path, '/') || '/')
-         WHERE done.state IN ('completed', 'skipped')
-    ),
-    trained AS (
-        UPDATE session_subdirectories s
-           SET trained_count = s.trained_count + d.n
-          FROM (SELECT id, count(*) AS n FROM credited WHERE id IS NOT NULL GROUP BY id) d
-         WHERE s.id = d.id
-    )
-    UPDATE training_sessions
-       SET processed_images = processed_images + (SELECT count(*) FROM done WHERE state = 'completed'),
-           failed_images = failed_images + (SELECT count(*) FROM done WHERE state = 'failed'),
-           skipped_images = skipped_images + (SELECT count(*) FROM done WHERE state = 'skipped'),
-           training_seconds = training_seconds + :seconds
-     WHERE id = :id
-    RETURNING *
-    """
-)
-
-_FINISH = text(
-    """
-    WITH counts AS (
-        SELECT count(*) AS total,
-               count(*) FILTER (WHERE state = 'failed') AS failed,
-               count(*) FILTER (WHERE state = 'pending') AS pending
-          FROM training_jobs WHERE session_id = :id
-    )
-    UPDATE training_sessions
-       SET state = CASE WHEN counts.total > 0 AND counts.failed = counts.total THEN 'failed' ELSE 'completed' END,
-           state_reason = CASE WHEN counts.total > 0 AND counts.failed = counts.total
-                               THEN 'all ' || counts.total || ' images failed: see ListJobs' ELSE '' END,
-           end_time = now(), update_time = now(), current_directory = '',
-           owner_id = NULL, owner_address = NULL, lease_expires_at = NULL,
-           event_sequence = event_sequence + 1
-      FROM counts
-     WHERE id = :id AND counts.pending = 0
-    RETURNING training_sessions.*
     """
 )
 
@@ -477,7 +364,7 @@ class TrainingRun:
             if demotions:
                 # Before the jobs' statement, whose RETURNING row then carries these counts too.
                 await conn.execute(
-                    _DEMOTE,
+                    transitions.DEMOTE_NEAR_DUPLICATES,
                     {
                         "id": sid,
                         "asset_ids": [d.asset_id for d in demotions],
@@ -503,7 +390,7 @@ class TrainingRun:
                     },
                 )
             committed = await conn.execute(
-                _WRITE_JOBS,
+                transitions.RECORD_OUTCOMES,
                 {
                     "id": sid,
                     "seconds": seconds,
@@ -537,7 +424,7 @@ class TrainingRun:
         async with self.ctx.db.engine.begin() as conn:
             if await fence(conn, self.ctx.claim, "running") is None:
                 raise FenceLost
-            row = (await conn.execute(_FINISH, {"id": sid})).mappings().first()
+            row = (await conn.execute(transitions.FINISH, {"id": sid})).mappings().first()
             if row is None:
                 return None
             out = dict(row)

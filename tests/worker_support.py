@@ -1,8 +1,8 @@
 """Helpers of the discovery-worker tests: sessions made the way the control service makes them, row reads.
 
-`start_session` writes what StartSession commits (a session in `discovering` with selected
-subdirectories) and sends the same notification, so these tests need no control service; the
-guarded transitions (pause, cancel, resume) are the same SQL as docs/architecture.md describes.
+`start_session` commits what StartSession commits (a session in `discovering` with selected
+subdirectories) and sends the same notification, so these tests need no control service; every
+transition runs the control service's own statement from `imagetraining.transitions`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import text
 
+from imagetraining import transitions
 from imagetraining.db.engine import Database
+from imagetraining.notifications import notify
 from tests.images import Library
 
 
@@ -32,15 +34,16 @@ async def start_session(
     config: dict[str, Any] | None = None,
     name: str = "test",
 ) -> int:
-    """A session in `discovering` (as StartSession leaves it) over the given selected subdirectories."""
+    """A session in `discovering` over the given selected subdirectories: created pending, then
+    started with StartSession's own statement (`transitions.START`) and notification."""
     async with db.engine.begin() as conn:
         sid = int(
             (
                 await conn.execute(
                     text(
                         """
-                        INSERT INTO training_sessions (display_name, root_path, state, config, start_time)
-                        VALUES (:name, :root, 'discovering', CAST(:config AS jsonb), now())
+                        INSERT INTO training_sessions (display_name, root_path, state, config)
+                        VALUES (:name, :root, 'pending', CAST(:config AS jsonb))
                         RETURNING id
                         """
                     ),
@@ -53,107 +56,44 @@ async def start_session(
                 text("INSERT INTO session_subdirectories (session_id, path, selected) VALUES (:id, :path, true)"),
                 {"id": sid, "path": str(path)},
             )
-        await conn.execute(text("SELECT pg_notify('imagetraining_sessions', :p)"), {"p": str(sid)})
+    if subdirectories:
+        assert await transition(db, sid, transitions.START), "StartSession's statement refused a new session"
     return sid
 
 
-async def transition(db: Database, sid: int, allowed: Sequence[str], assignments: str) -> bool:
-    """A guarded transition as the control service writes it; False when the state did not allow it."""
+async def transition(db: Database, sid: int, t: transitions.Transition) -> bool:
+    """A client transition with the control service's statement; False when the state did not allow it."""
     async with db.engine.begin() as conn:
-        row = (
-            await conn.execute(
-                text(
-                    f"""
-                    UPDATE training_sessions SET {assignments}, update_time = now(),
-                           event_sequence = event_sequence + 1
-                     WHERE id = :id AND state = ANY(:allowed) RETURNING id
-                    """
-                ),
-                {"id": sid, "allowed": list(allowed)},
-            )
-        ).first()
-        await conn.execute(text("SELECT pg_notify('imagetraining_sessions', :p)"), {"p": str(sid)})
+        row = (await conn.execute(t.statement, t.params(sid))).first()
+        await notify(conn, sid)
     return row is not None
 
 
 async def pause(db: Database, sid: int) -> bool:
-    return await transition(db, sid, ("discovering", "running"), "state = 'paused', resume_state = state")
+    return await transition(db, sid, transitions.PAUSE)
 
 
 async def resume(db: Database, sid: int) -> bool:
-    return await transition(
-        db, sid, ("paused",), "state = COALESCE(resume_state, 'discovering'), resume_state = NULL, state_reason = ''"
-    )
+    return await transition(db, sid, transitions.RESUME)
 
 
 async def cancel(db: Database, sid: int) -> bool:
-    return await transition(
-        db,
-        sid,
-        ("pending", "discovering", "running", "paused"),
-        "state = 'cancelled', end_time = now(), state_reason = 'cancelled by a client'",
-    )
-
-
-RESET_RUN = """
-    start_time = now(), end_time = NULL, state_reason = '', resume_state = NULL, attempts = 0,
-    owner_id = NULL, owner_address = NULL, lease_expires_at = NULL,
-    total_final = false, directories_scanned = 0, files_seen = 0, images_found = 0,
-    assets_new = 0, assets_changed = 0, assets_unchanged = 0, unreadable_paths = 0,
-    current_directory = '', discovery_checkpoint = NULL,
-    discovery_started_at = NULL, discovery_finished_at = NULL"""
+    return await transition(db, sid, transitions.CANCEL)
 
 
 async def restart_all(db: Database, sid: int) -> bool:
-    """RestartSession ALL as docs/architecture.md specifies it."""
-    ok = await transition(
-        db, sid, ("completed", "cancelled", "failed"), f"state = 'discovering', run_scope = 'all', {RESET_RUN}"
-    )
-    async with db.engine.begin() as conn:
-        await conn.execute(
-            text("UPDATE training_jobs SET state = 'pending' WHERE session_id = :id AND state = 'running'"), {"id": sid}
-        )
-    return ok
+    """RestartSession ALL, with the control service's statement."""
+    return await transition(db, sid, transitions.RESTART_ALL)
 
 
 async def restart_failed_only(db: Database, sid: int) -> int:
     """RestartSession FAILED_ONLY as the control service commits it: one transaction; returns failed_images."""
+    t = transitions.RESTART_FAILED
     async with db.engine.begin() as conn:
-        await conn.execute(
-            text(
-                """
-                UPDATE training_sessions
-                   SET state = CASE WHEN total_final THEN 'running' ELSE 'discovering' END,
-                       run_scope = 'failed_only', start_time = now(), end_time = NULL, state_reason = '',
-                       resume_state = NULL, attempts = 0, owner_id = NULL, owner_address = NULL,
-                       lease_expires_at = NULL, event_sequence = event_sequence + 1
-                 WHERE id = :id AND state IN ('completed', 'cancelled', 'failed')
-                """
-            ),
-            {"id": sid},
-        )
-        failed = (
-            await conn.execute(
-                text(
-                    """
-                    WITH old AS (
-                        SELECT id, state FROM training_jobs
-                         WHERE session_id = :id AND state IN ('failed', 'running') FOR UPDATE),
-                    retried AS (
-                        UPDATE training_jobs j SET state = 'pending', error_class = '', error_message = ''
-                          FROM old WHERE j.id = old.id
-                        RETURNING (old.state = 'failed') AS was_failed)
-                    UPDATE training_sessions
-                       SET failed_images = failed_images - (SELECT count(*) FROM retried WHERE was_failed)
-                     WHERE id = :id
-                    RETURNING failed_images
-                    """
-                ),
-                {"id": sid},
-            )
-        ).scalar_one()
-        await conn.execute(text("SELECT pg_notify('imagetraining_sessions', :p)"), {"p": str(sid)})
-    return int(failed)
+        await conn.execute(t.statement, t.params(sid))
+        row = (await conn.execute(transitions.RETRY_FAILED_JOBS, {"id": sid})).mappings().one()
+        await notify(conn, sid)
+    return int(row["failed_images"])
 
 
 async def session(db: Database, sid: int) -> dict[str, Any]:
@@ -182,6 +122,12 @@ async def jobs(db: Database, sid: int) -> list[dict[str, Any]]:
             )
         ).mappings()
         return [dict(r) for r in rows]
+
+
+async def execute(db: Database, sql: str, **params: Any) -> None:
+    """A test's own write, committed (setting up a state no statement of the services produces)."""
+    async with db.engine.begin() as conn:
+        await conn.execute(text(sql), params)
 
 
 async def scalar(db: Database, sql: str, **params: Any) -> Any:

@@ -13,8 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import text
 
+from control_service.inputs import MAX_SUBDIRECTORIES_PER_SESSION
 from control_service.server import serve
-from control_service.sessions import MAX_SUBDIRECTORIES_PER_SESSION, Sessions
+from control_service.sessions import Sessions
 from imagetraining.db.engine import Database
 from imagetraining.settings import Settings
 from imagetraining.v1 import resources_pb2 as pb

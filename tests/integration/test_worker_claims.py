@@ -8,7 +8,8 @@ from pathlib import Path
 
 from discovery_worker import claims
 from discovery_worker.claims import FenceLost, RunContext, StopSignal
-from discovery_worker.discovery import DiscoveryTotals, WalkBatch, write_batch
+from discovery_worker.recorder import DiscoveryTotals, write_batch
+from discovery_worker.walker import WalkBatch
 from discovery_worker.worker import run_worker
 from imagetraining.db.engine import Database
 from imagetraining.settings import Settings
@@ -63,7 +64,8 @@ async def test_a_worker_whose_lease_expired_cannot_commit(clean_db: Database, li
 
 async def test_too_many_attempts_fail_the_session(clean_db: Database, library: Path) -> None:
     sid = await ws.start_session(clean_db, library, [library])
-    await ws.transition(clean_db, sid, ("discovering",), "attempts = 5")
+    # Five crashed claims, as their attempts counter records them.
+    await ws.execute(clean_db, "UPDATE training_sessions SET attempts = 5 WHERE id = :id", id=sid)
     assert await claims.fail_exhausted(clean_db, 5) == [(sid, 5)]
     row = await ws.session(clean_db, sid)
     assert (row["state"], row["state_reason"]) == ("failed", "worker crashed 5 times on this session")

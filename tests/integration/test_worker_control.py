@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from discovery_worker import discovery
+from discovery_worker import walker
 from discovery_worker.worker import WorkerHandle, run_worker
 from imagetraining.db.engine import Database
 from imagetraining.settings import Settings
@@ -314,7 +314,7 @@ async def test_a_directory_too_large_to_hold_is_recorded_without_a_fingerprint(
     clean_db: Database, worker: WorkerHandle, library: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past MAX_HELD images a directory streams as it comes (bounded memory) and is never skipped."""
-    monkeypatch.setattr(discovery, "MAX_HELD", 5)
+    monkeypatch.setattr(walker, "MAX_HELD", 5)
     for i in range(12):
         write_jpeg(library / "big" / f"img{i:02d}.jpg", 24, 16, seed=700 + i)
     write_jpeg(library / "big" / "small" / "one.jpg", 24, 16, seed=799)

@@ -81,7 +81,7 @@ async def test_a_new_block_is_reserved_before_the_ceiling() -> None:
 
 
 async def test_numbers_taken_above_the_block_by_a_control_service_move_the_owner_above_them() -> None:
-    """A relay that cannot reach this owner numbers row messages above its block (relay.MINT_SEQUENCE):
+    """A relay that cannot reach this owner numbers row messages above its block (transitions.MINT_SEQUENCE):
     once the watcher reports the row's counter, the owner reserves a new block and numbers above it."""
     row_counter = 200_000  # the claim reserved (100_000, 200_000]
 

@@ -1,8 +1,8 @@
-"""discovery.fingerprint: what makes a directory's digest change (and so its files looked at again)."""
+"""walker.fingerprint: what makes a directory's digest change (and so its files looked at again)."""
 
 from __future__ import annotations
 
-from discovery_worker.discovery import fingerprint
+from discovery_worker.walker import fingerprint
 from imagetraining.walk import FoundFile
 
 EXTS = (".jpg", ".png")

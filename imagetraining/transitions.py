@@ -1,0 +1,469 @@
+"""The session's state machine: every statement that changes a session's state, lease or counters.
+
+Both services import this module and nothing else writes `training_sessions` (tests import these
+statements too, instead of copying them), so one file answers "who may move a session from A to B,
+and what else changes with it". The rules the statements share:
+
+- A state change is one guarded UPDATE (`WHERE id = :id AND state = ANY(...)`): zero rows means
+  another writer moved the session first, and PostgreSQL's row lock decides which of two concurrent
+  calls wins. `ALLOWED` is the whole graph; a unit test checks every statement against it.
+- A state change subscribers hear about raises `event_sequence` by one (`ANNOUNCE`): the stream's
+  message for it is numbered above anything an owner sent before. A claim reserves a whole block
+  (`SEQUENCE_BLOCK`) for the stream its owner will serve.
+- A worker's write is fenced (`OWNED`): it matches only while the worker's claim (`epoch`, `owner_id`)
+  is current, so a worker whose lease lapsed writes nothing. Lease times use the database clock.
+- Counters move in the same statement as the job rows they count, so they can never disagree.
+- A transition NOTIFYs `imagetraining_sessions` in the same transaction
+  (`imagetraining.notifications.notify`): a wake-up for workers and relays, never a source of truth.
+
+The statements are SQLAlchemy `text()` with named parameters; the callers bind and execute them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import TextClause, text
+
+from imagetraining.states import ACTIVE_STATES, SessionState
+
+S = SessionState
+
+# Sequence numbers a claim reserves for its owner's event stream (discovery_worker.events).
+SEQUENCE_BLOCK = 100_000
+
+# ---- the graph ---------------------------------------------------------------------------------------
+
+# Every state change any statement below can make, and who makes it.
+ALLOWED: dict[SessionState, frozenset[SessionState]] = {
+    S.PENDING: frozenset({S.DISCOVERING, S.CANCELLED}),  # StartSession, CancelSession
+    # The worker: all images recorded / no image found or crashed too often; clients: pause, cancel;
+    # the worker again: its library went offline (paused).
+    S.DISCOVERING: frozenset({S.RUNNING, S.FAILED, S.PAUSED, S.CANCELLED}),
+    S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.PAUSED, S.CANCELLED}),
+    S.PAUSED: frozenset({S.DISCOVERING, S.RUNNING, S.CANCELLED}),  # ResumeSession, CancelSession
+    # RestartSession (and StartSession again after a failure).
+    S.COMPLETED: frozenset({S.DISCOVERING, S.RUNNING}),
+    S.CANCELLED: frozenset({S.DISCOVERING, S.RUNNING}),
+    S.FAILED: frozenset({S.DISCOVERING, S.RUNNING}),
+}
+
+# ---- fragments, written once -------------------------------------------------------------------------
+
+# A change subscribers are told about: a new sequence number above everything sent so far.
+ANNOUNCE = "update_time = now(), event_sequence = event_sequence + 1"
+# No worker holds the session (a finished, paused or handed-back run).
+DISOWN = "owner_id = NULL, owner_address = NULL, lease_expires_at = NULL"
+# The fence: this worker's claim is still the current one.
+OWNED = "id = :id AND epoch = :epoch AND owner_id = :owner"
+# A session a worker may claim: active, and nobody's lease is running.
+CLAIMABLE = "state IN ('discovering', 'running') AND (owner_id IS NULL OR lease_expires_at < now())"
+# A run needs at least one selected subdirectory.
+HAS_SELECTION = "EXISTS (SELECT 1 FROM session_subdirectories WHERE session_id = :id AND selected)"
+# Columns a new run starts from (StartSession, RestartSession).
+RESET_RUN = f"start_time = now(), end_time = NULL, state_reason = '', resume_state = NULL, attempts = 0, {DISOWN}"
+RESET_DISCOVERY = """total_final = false, directories_scanned = 0, files_seen = 0, images_found = 0,
+    assets_new = 0, assets_changed = 0, assets_unchanged = 0, unreadable_paths = 0,
+    current_directory = '', discovery_checkpoint = NULL,
+    discovery_started_at = NULL, discovery_finished_at = NULL"""
+
+
+# ---- client transitions (control service) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A client's state change: the call, the states it applies in, what it sets, where it can lead."""
+
+    call: str
+    source: tuple[SessionState, ...]
+    assignments: str
+    targets: tuple[SessionState, ...]
+    need_selection: bool = False
+
+    @property
+    def statement(self) -> TextClause:
+        """The guarded UPDATE; binds :id and :allowed (`allowed()`), returns the row as committed."""
+        guard = f"AND {HAS_SELECTION}" if self.need_selection else ""
+        return text(
+            f"""
+            UPDATE training_sessions
+               SET {self.assignments}, {ANNOUNCE}
+             WHERE id = :id AND state = ANY(:allowed) {guard}
+            RETURNING *"""
+        )
+
+    def params(self, session_id: int) -> dict[str, object]:
+        return {"id": session_id, "allowed": [s.value for s in self.source]}
+
+
+_NEW_RUN = f"state = 'discovering', run_scope = 'all', {RESET_RUN}, {RESET_DISCOVERY}"
+RESTARTABLE = (S.COMPLETED, S.CANCELLED, S.FAILED)
+
+START = Transition("StartSession", (S.PENDING, S.FAILED), _NEW_RUN, (S.DISCOVERING,), need_selection=True)
+RESTART_ALL = Transition("RestartSession", RESTARTABLE, _NEW_RUN, (S.DISCOVERING,), need_selection=True)
+# Only the failed jobs again: straight to training when discovery had finished (RETRY_FAILED_JOBS).
+RESTART_FAILED = Transition(
+    "RestartSession",
+    RESTARTABLE,
+    f"state = CASE WHEN total_final THEN 'running' ELSE 'discovering' END, run_scope = 'failed_only', {RESET_RUN}",
+    (S.DISCOVERING, S.RUNNING),
+    need_selection=True,
+)
+PAUSE = Transition("PauseSession", (S.DISCOVERING, S.RUNNING), "state = 'paused', resume_state = state", (S.PAUSED,))
+RESUME = Transition(
+    "ResumeSession",
+    (S.PAUSED,),
+    "state = COALESCE(resume_state, 'discovering'), resume_state = NULL, state_reason = ''",
+    (S.DISCOVERING, S.RUNNING),
+)
+CANCEL = Transition(
+    "CancelSession",
+    (S.PENDING, S.DISCOVERING, S.RUNNING, S.PAUSED),
+    "state = 'cancelled', end_time = now(), state_reason = 'cancelled by a client'",
+    (S.CANCELLED,),
+)
+CLIENT_TRANSITIONS = (START, RESTART_ALL, RESTART_FAILED, PAUSE, RESUME, CANCEL)
+
+# Config, selection and deletion: anything but an active run.
+EDITABLE = tuple(s for s in SessionState if s not in ACTIVE_STATES)
+
+DELETE = text("DELETE FROM training_sessions WHERE id = :id AND state = ANY(:allowed) RETURNING id")
+
+# RestartSession(failed only): failed jobs back to pending and the counter down by as many, at once.
+RETRY_FAILED_JOBS = text(
+    """
+    WITH retried AS (
+        UPDATE training_jobs
+           SET state = 'pending', error_class = '', error_message = '', update_time = now()
+         WHERE session_id = :id AND state = 'failed'
+        RETURNING 1
+    )
+    UPDATE training_sessions
+       SET failed_images = failed_images - (SELECT count(*) FROM retried)
+     WHERE id = :id
+    RETURNING *
+    """
+)
+
+# UpdateSession: a new name and/or config (the caller has checked the state under a row lock).
+EDIT = text(
+    """
+    UPDATE training_sessions
+       SET display_name = COALESCE(:display_name, display_name),
+           config = COALESCE(CAST(:config AS jsonb), config),
+           update_time = now()
+     WHERE id = :id
+    RETURNING *
+    """
+)
+
+# UpdateSubdirectories: the selection changed (its rows are written by the caller).
+TOUCH = text("UPDATE training_sessions SET update_time = now() WHERE id = :id RETURNING *")
+
+# A relay's number for a message it builds from the row. SKIP LOCKED: a row locked by a worker's
+# write (or a frozen worker's, until PostgreSQL ends it) is skipped this time, not waited for.
+MINT_SEQUENCE = text(
+    """
+    UPDATE training_sessions
+       SET event_sequence = event_sequence + 1
+     WHERE id = (SELECT id FROM training_sessions WHERE id = :id FOR UPDATE SKIP LOCKED)
+    RETURNING *, (owner_id IS NOT NULL AND lease_expires_at > now()) AS leased
+    """
+)
+
+# ---- leases (discovery worker) -----------------------------------------------------------------------
+
+# Active sessions whose workers died :max_attempts times end failed.
+FAIL_EXHAUSTED = text(
+    f"""
+    UPDATE training_sessions
+       SET state = 'failed',
+           state_reason = 'worker crashed ' || attempts || ' times on this session',
+           end_time = now(), current_directory = '', {DISOWN}, {ANNOUNCE}
+     WHERE id IN (
+           SELECT id FROM training_sessions
+            WHERE {CLAIMABLE} AND attempts >= :max_attempts
+            ORDER BY id
+              FOR UPDATE SKIP LOCKED)
+    RETURNING id, attempts
+    """
+)
+
+# The lowest-id claimable session not in :busy, in one statement: two workers never get the same one.
+CLAIM = text(
+    f"""
+    UPDATE training_sessions
+       SET owner_id = :owner,
+           owner_address = :address,
+           lease_expires_at = now() + make_interval(secs => :lease),
+           epoch = epoch + 1,
+           attempts = attempts + 1,
+           event_sequence = event_sequence + {SEQUENCE_BLOCK},
+           discovery_started_at = CASE WHEN state = 'discovering'
+                                       THEN COALESCE(discovery_started_at, now())
+                                       ELSE discovery_started_at END,
+           update_time = now()
+     WHERE id = (
+           SELECT id FROM training_sessions
+            WHERE {CLAIMABLE} AND id <> ALL(CAST(:busy AS bigint[]))
+            ORDER BY id
+              FOR UPDATE SKIP LOCKED
+            LIMIT 1)
+    RETURNING *
+    """
+)
+
+HEARTBEAT = text(
+    f"""
+    UPDATE training_sessions
+       SET lease_expires_at = now() + make_interval(secs => :lease)
+     WHERE {OWNED}
+    RETURNING id
+    """
+)
+
+# A graceful hand-back (pause, cancel, shutdown) is not a crash: :give_back returns the attempt, so
+# that pausing and resuming a session many times never exhausts IMAGETRAINING_MAX_ATTEMPTS.
+RELEASE = text(
+    f"""
+    UPDATE training_sessions
+       SET {DISOWN}, attempts = GREATEST(attempts - :give_back, 0)
+     WHERE {OWNED}
+    RETURNING id
+    """
+)
+
+# The first statement of every worker transaction: locks the row while the claim is current and the
+# session is still in :state (a pause or cancel committed since makes it match nothing).
+FENCE = text(
+    f"""
+    UPDATE training_sessions
+       SET update_time = now()
+     WHERE {OWNED} AND state = :state
+    RETURNING discovery_checkpoint
+    """
+)
+
+# One more block of stream numbers for the owner.
+RESERVE_SEQUENCES = text(
+    f"""
+    UPDATE training_sessions
+       SET event_sequence = event_sequence + {SEQUENCE_BLOCK}
+     WHERE {OWNED}
+    RETURNING event_sequence
+    """
+)
+
+# The library went offline: paused where it was, the path in the reason, handed back with the attempt
+# given back (an offline NAS is not a crash).
+PAUSE_OFFLINE = text(
+    f"""
+    UPDATE training_sessions
+       SET state = 'paused', resume_state = state, state_reason = :reason, current_directory = '',
+           {DISOWN}, attempts = GREATEST(attempts - 1, 0), {ANNOUNCE}
+     WHERE {OWNED} AND state IN ('discovering', 'running')
+    RETURNING *
+    """
+)
+
+# ---- discovery (the owner, fenced by the caller's FENCE in the same transaction) ---------------------
+
+# A batch's counters and checkpoint. The walk's own counters restart from zero after a crash, so they
+# are written as GREATEST(stored, walk's) and never go backwards.
+ADVANCE_DISCOVERY = text(
+    """
+    UPDATE training_sessions
+       SET directories_scanned = GREATEST(directories_scanned, :directories_scanned),
+           files_seen = GREATEST(files_seen, :files_seen),
+           images_found = GREATEST(images_found, :images_found),
+           unreadable_paths = GREATEST(unreadable_paths, :unreadable),
+           current_directory = :current_directory,
+           assets_new = assets_new + :new,
+           assets_changed = assets_changed + :changed,
+           assets_unchanged = assets_unchanged + :unchanged,
+           discovery_checkpoint = CAST(:checkpoint AS jsonb)
+     WHERE id = :id
+    RETURNING *
+    """
+)
+
+# Finished jobs whose file changed (or whose hash is stale: another session saw the change first) go
+# back to pending; the counters that counted them go down in the same statement. One pass over the
+# session's job key for the batch, never a probe per file: right after a new session's first batches
+# the statistics say it has no jobs, and the planner may then walk all of them for every probe (seen:
+# 100,000 files taking 100 s).
+REOPEN_CHANGED_JOBS = text(
+    """
+    WITH old AS (
+        SELECT id, state FROM training_jobs
+         WHERE session_id = :id AND asset_id = ANY(CAST(:asset_ids AS bigint[]))
+           AND CASE WHEN asset_id = ANY(CAST(:changed_ids AS bigint[]))
+                    THEN state IN ('completed', 'failed', 'skipped')
+                    ELSE state IN ('completed', 'skipped')
+               END
+           FOR UPDATE
+    ),
+    reset AS (
+        UPDATE training_jobs j
+           SET state = 'pending', error_class = '', error_message = '', skip_reason = '',
+               duplicate_of_asset_id = NULL, near_duplicate_of_asset_id = NULL, near_duplicate_distance = NULL,
+               update_time = now()
+          FROM old WHERE j.id = old.id
+        RETURNING old.state AS old_state
+    )
+    UPDATE training_sessions
+       SET processed_images = processed_images - (SELECT count(*) FROM reset WHERE old_state = 'completed'),
+           failed_images = failed_images - (SELECT count(*) FROM reset WHERE old_state = 'failed'),
+           skipped_images = skipped_images - (SELECT count(*) FROM reset WHERE old_state = 'skipped')
+     WHERE id = :id
+    """
+)
+
+# discovering -> running: the walk is complete and the total final.
+TO_RUNNING = text(
+    f"""
+    UPDATE training_sessions
+       SET state = 'running', total_final = true,
+           total_images = (SELECT count(*) FROM training_jobs WHERE session_id = :id),
+           discovery_finished_at = now(), current_directory = '', {ANNOUNCE}
+     WHERE id = :id
+    RETURNING *
+    """
+)
+
+# discovering -> failed: the complete walk found no image (:reason says where it looked).
+NO_IMAGES = text(
+    f"""
+    UPDATE training_sessions
+       SET state = 'failed', state_reason = :reason, total_final = true, total_images = 0,
+           discovery_finished_at = now(), end_time = now(), current_directory = '', {DISOWN}, {ANNOUNCE}
+     WHERE id = :id
+    RETURNING *
+    """
+)
+
+# ---- training (the owner, fenced by the caller's FENCE in the same transaction) ----------------------
+
+# A chunk's outcomes: jobs, counters and per-subdirectory trained counts in one statement, so they
+# cannot disagree.
+RECORD_OUTCOMES = text(
+    """
+    WITH r AS (
+        SELECT * FROM unnest(CAST(:job_ids AS bigint[]), CAST(:states AS text[]), CAST(:error_classes AS text[]),
+                             CAST(:error_messages AS text[]), CAST(:skip_reasons AS text[]),
+                             CAST(:duplicate_of AS bigint[]), CAST(:near_of AS bigint[]),
+                             CAST(:near_distances AS smallint[]))
+                 AS t(job_id, state, error_class, error_message, skip_reason, duplicate_of, near_of, near_distance)
+    ),
+    target AS (
+        -- One primary-key probe per job of the chunk (LIMIT 1: unique). Filtering the UPDATE on
+        -- session and state let the planner hash every pending job of the session for every chunk
+        -- (stale statistics after the bulk insert of jobs), which made training quadratic.
+        SELECT r.*
+          FROM r
+          CROSS JOIN LATERAL (
+                SELECT x.id FROM training_jobs x
+                 WHERE x.id = r.job_id AND x.session_id = :id AND x.state = 'pending'
+                 LIMIT 1) x
+    ),
+    done AS (
+        UPDATE training_jobs j
+           SET state = t.state, error_class = t.error_class, error_message = t.error_message,
+               skip_reason = t.skip_reason, duplicate_of_asset_id = t.duplicate_of,
+               near_duplicate_of_asset_id = t.near_of, near_duplicate_distance = t.near_distance,
+               attempts = j.attempts + 1, update_time = now()
+          FROM target t
+         WHERE j.id = t.job_id
+        RETURNING j.asset_id, j.subdirectory_id, j.state
+    ),
+    credited AS (  -- the selected directory that found the image, and selected directories nested in it
+        SELECT subdirectory_id AS id FROM done WHERE state IN ('completed', 'skipped')
+        UNION ALL
+        SELECT s2.id
+          FROM done
+          JOIN image_assets a ON a.id = done.asset_id
+          JOIN session_subdirectories s2
+            ON s2.id = ANY(CAST(:nested_ids AS bigint[])) AND starts_with(a.path, rtrim(s2.path, '/') || '/')
+         WHERE done.state IN ('completed', 'skipped')
+    ),
+    trained AS (
+        UPDATE session_subdirectories s
+           SET trained_count = s.trained_count + d.n
+          FROM (SELECT id, count(*) AS n FROM credited WHERE id IS NOT NULL GROUP BY id) d
+         WHERE s.id = d.id
+    )
+    UPDATE training_sessions
+       SET processed_images = processed_images + (SELECT count(*) FROM done WHERE state = 'completed'),
+           failed_images = failed_images + (SELECT count(*) FROM done WHERE state = 'failed'),
+           skipped_images = skipped_images + (SELECT count(*) FROM done WHERE state = 'skipped'),
+           training_seconds = training_seconds + :seconds
+     WHERE id = :id
+    RETURNING *
+    """
+)
+
+# skip_near_duplicates: kept images of earlier chunks that a better look-alike replaces, completed ->
+# skipped, with the counters in the same statement (the replacing image completes in the same
+# transaction, so `processed_images` never goes down between two commits).
+DEMOTE_NEAR_DUPLICATES = text(
+    """
+    WITH r AS (
+        SELECT * FROM unnest(CAST(:asset_ids AS bigint[]), CAST(:near_of AS bigint[]),
+                             CAST(:distances AS smallint[])) AS t(asset_id, near_of, distance)
+    ),
+    done AS (
+        UPDATE training_jobs j
+           SET state = 'skipped', skip_reason = 'near_duplicate', near_duplicate_of_asset_id = r.near_of,
+               near_duplicate_distance = r.distance, update_time = now()
+          FROM r
+         WHERE j.session_id = :id AND j.asset_id = r.asset_id AND j.state = 'completed'
+        RETURNING j.id
+    ),
+    repointed AS (  -- images skipped in favour of a replaced one now name the image kept instead
+        UPDATE training_jobs j
+           SET near_duplicate_of_asset_id = r.near_of,
+               near_duplicate_distance = bit_count(CAST('x' || a.perceptual_hash AS bit(64))
+                                                   # CAST('x' || k.perceptual_hash AS bit(64))),
+               update_time = now()
+          FROM r, image_assets a, image_assets k
+         WHERE j.session_id = :id AND j.state = 'skipped' AND j.skip_reason = 'near_duplicate'
+           AND j.near_duplicate_of_asset_id = r.asset_id
+           AND a.id = j.asset_id AND k.id = r.near_of
+        RETURNING j.id
+    )
+    UPDATE training_sessions
+       SET processed_images = processed_images - (SELECT count(*) FROM done),
+           skipped_images = skipped_images + (SELECT count(*) FROM done)
+     WHERE id = :id
+    """
+)
+
+# running -> completed (or failed, when every image failed), once no job is pending.
+FINISH = text(
+    f"""
+    WITH counts AS (
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE state = 'failed') AS failed,
+               count(*) FILTER (WHERE state = 'pending') AS pending
+          FROM training_jobs WHERE session_id = :id
+    )
+    UPDATE training_sessions
+       SET state = CASE WHEN counts.total > 0 AND counts.failed = counts.total THEN 'failed' ELSE 'completed' END,
+           state_reason = CASE WHEN counts.total > 0 AND counts.failed = counts.total
+                               THEN 'all ' || counts.total || ' images failed: see ListJobs' ELSE '' END,
+           end_time = now(), current_directory = '', {DISOWN}, {ANNOUNCE}
+      FROM counts
+     WHERE id = :id AND counts.pending = 0
+    RETURNING training_sessions.*
+    """
+)
+
+# The state changes the worker's statements make (a client transition's are on the Transition).
+WORKER_CHANGES: dict[str, tuple[tuple[SessionState, SessionState], ...]] = {
+    "TO_RUNNING": ((S.DISCOVERING, S.RUNNING),),
+    "NO_IMAGES": ((S.DISCOVERING, S.FAILED),),
+    "FINISH": ((S.RUNNING, S.COMPLETED), (S.RUNNING, S.FAILED)),
+    "FAIL_EXHAUSTED": ((S.DISCOVERING, S.FAILED), (S.RUNNING, S.FAILED)),
+    "PAUSE_OFFLINE": ((S.DISCOVERING, S.PAUSED), (S.RUNNING, S.PAUSED)),
+}

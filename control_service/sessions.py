@@ -232,6 +232,8 @@ class Sessions:
         row = (await conn.execute(t.statement, t.params(session_id))).mappings().first()
         if row is None:
             await self._refusal(conn, session_id, t.call, t.source, t.need_selection)
+        for statement in t.also:
+            await conn.execute(statement, {"id": session_id})
         await notify(conn, session_id)
         return row
 

@@ -52,7 +52,7 @@ class Claim:
     row: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-_WATCH = text("SELECT state, epoch, owner_id, event_sequence FROM training_sessions WHERE id = :id")
+_WATCH = text("SELECT * FROM training_sessions WHERE id = :id")
 
 
 async def fail_exhausted(db: Database, max_attempts: int) -> list[tuple[int, int]]:
@@ -170,30 +170,32 @@ async def pause_offline(db: Database, claim: Claim, reason: str) -> dict[str, An
             .first()
         )
         if row is not None:
+            await conn.execute(transitions.RELEASE_CHUNKS, {"id": claim.session_id})
             await notify(conn, claim.session_id)
     return None if row is None else dict(row)
 
 
-async def watch_row(db: Database, claim: Claim) -> tuple[bool, str, int]:
+async def watch_row(db: Database, claim: Claim) -> tuple[bool, str, int, dict[str, Any]]:
     """One primary-key read: do we still own the session in an active state?
 
-    Returns (ok, state or 'deleted' or 'lease lost', the row's event_sequence).
+    Returns (ok, state or 'deleted' or 'lease lost', the row's event_sequence, the row): the row
+    carries the counters other workers' chunks committed, which the owner streams.
     """
     async with db.engine.connect() as conn:
-        row = (await conn.execute(_WATCH, {"id": claim.session_id})).first()
+        row = (await conn.execute(_WATCH, {"id": claim.session_id})).mappings().first()
     if row is None:
-        return False, "deleted", 0
-    sequence = int(row.event_sequence)
-    if row.epoch != claim.epoch or row.owner_id != claim.owner_id:
-        return False, "lease lost", sequence
-    if row.state not in ACTIVE:
-        return False, str(row.state), sequence
-    return True, str(row.state), sequence
+        return False, "deleted", 0, {}
+    sequence = int(row["event_sequence"])
+    if row["epoch"] != claim.epoch or row["owner_id"] != claim.owner_id:
+        return False, "lease lost", sequence, dict(row)
+    if row["state"] not in ACTIVE:
+        return False, str(row["state"]), sequence, dict(row)
+    return True, str(row["state"]), sequence, dict(row)
 
 
 async def still_owned(db: Database, claim: Claim) -> tuple[bool, str]:
     """Do we still own the session in an active state? (ok, state or 'deleted' or 'lease lost')."""
-    owned, state, _sequence = await watch_row(db, claim)
+    owned, state, _sequence, _row = await watch_row(db, claim)
     return owned, state
 
 

@@ -49,6 +49,8 @@ WATCH_SECONDS = 0.25
 # Backoff of a phase retried after a transient database error: first wait, then doubled up to the cap.
 RETRY_FIRST_SECONDS = 0.2
 RETRY_MAX_SECONDS = 5.0
+# The counters other workers' chunks move; the watcher streams them when they change.
+_TRAINING_COUNTERS = ("processed_images", "failed_images", "skipped_images")
 # A repeated warning (database away) is logged once, then at most this often.
 WARN_EVERY_SECONDS = 30.0
 
@@ -85,6 +87,7 @@ class SessionRunner:
         self.claim = claim
         self.stop = StopSignal()
         self._poke = asyncio.Event()
+        self._counters_seen: tuple[object, ...] = ()
         self._hb_warnings = ThrottledLog()
         self._watch_warnings = ThrottledLog()
         self._db_warnings = ThrottledLog()
@@ -131,13 +134,18 @@ class SessionRunner:
                 await asyncio.wait_for(self._poke.wait(), WATCH_SECONDS)
             self._poke.clear()
             try:
-                owned, state, sequence = await claims.watch_row(self.worker.db, self.claim)
+                owned, state, sequence, row = await claims.watch_row(self.worker.db, self.claim)
             except Exception as exc:
                 self._watch_warnings.warn("%s: state check failed: %s", self.name, faults.describe(exc))
                 continue
             self._watch_warnings.clear()
             if self.ctx.observer is not None:
                 self.ctx.observer.sequence_seen(sequence)
+                counters = tuple(row.get(k) for k in _TRAINING_COUNTERS)
+                if owned and state == "running" and counters != self._counters_seen:
+                    # Helpers' chunks (other workers) moved the committed counters: stream them.
+                    self._counters_seen = counters
+                    self.ctx.observer.progress(row)
             if not owned:
                 self.stop.set(state)
                 return
@@ -238,7 +246,13 @@ class SessionRunner:
                 total,
             )
             return False
-        final = await TrainingRun(self.ctx, self.worker.pool).run()
+        settings = self.worker.settings
+        final = await TrainingRun(
+            self.ctx,
+            self.worker.pool,
+            lease_seconds=settings.lease_seconds,
+            heartbeat_seconds=settings.heartbeat_seconds,
+        ).run()
         if final is None:
             return True
         self._hand_back_at_end = False

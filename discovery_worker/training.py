@@ -1,26 +1,28 @@
-"""Training (state `running`): pending jobs -> process pool -> set-based, fenced result writes.
+"""Training (state `running`): pending jobs in leased chunks -> process pool -> fenced result writes.
 
-Jobs are taken in id order in small chunks (about four images per pool process), so that a pause or
-cancel is noticed between chunks within a fraction of a second, and one chunk is decoded while the
-previous one is written. Nothing marks a job `running`: a chunk's results are written in one
-transaction that also advances the counters, so a crash loses at most the work of the chunks in
-flight, never counts anything twice, and leaves no job stuck.
+Any worker with pool capacity trains a running session, whether it owns the session or helps
+(discovery_worker/helpers.py); the owner alone finishes it. Per chunk:
+- claim: up to `chunk_size` pending jobs go `running` under a fresh token and a lease
+  (`transitions.CLAIM_CHUNK`, `FOR UPDATE SKIP LOCKED`: two workers never take the same job); jobs of
+  chunks whose lease lapsed go back to pending first (`RECLAIM_EXPIRED_CHUNKS`). The run's chunks in
+  flight are kept alive by a heartbeat (`EXTEND_CHUNKS`);
+- evaluate: jobs whose asset already has a `dhash-64` and a digest computed from its current (size,
+  mtime_ns) are not decoded again; the others go to `TrainingPool.process` (never raises for an
+  image);
+- write, one transaction: the session still running (`TRAINING_FENCE`, which also serialises every
+  chunk commit of the session on its row), the chunk still ours (`CHUNK_FENCE`: a pause released it,
+  or its lease lapsed and another worker took it: then nothing is written), then the assets (hash,
+  digest, size, format, features), the jobs (completed / failed), the counters and per-subdirectory
+  trained counts in one set-based statement (`RECORD_OUTCOMES`).
 
-Per chunk:
-- jobs whose asset already has a `dhash-64` computed from its current (size, mtime_ns) are not
-  decoded again; they complete with the stored hash;
-- the others go to `TrainingPool.process` (never raises for an image);
-- duplicates are decided in memory against the session's completed images (read once per claim,
-  then kept up to date): the same content digest as a kept image is an exact duplicate, skipped
-  `exact_duplicate` (the lowest asset id is the copy kept); a dHash within the session's
-  `near_duplicate_distance` of a kept image's makes a near duplicate, trained and reported on its
-  job (imagetraining/duplicates.py);
-- one transaction: fence on the session row, then the assets (hash, digest, size, format,
-  features), the jobs (completed / failed / skipped), the session counters and the
-  per-subdirectory trained counts, each one set-based statement.
+Chunks are sized to about CHUNK_SECONDS of the pool's work, at least IMAGES_PER_PROCESS images per
+pool process, so a pause is noticed within a fraction of a second and a chunk lost to a crash costs
+little; two chunks are in flight per run (one decoded while the previous one is written).
 
-The counters change in the same statement as the job rows they count, so they always equal the
-jobs table (docs/architecture.md).
+Duplicates are decided once training has ended, from every worker's results, by the owner
+(`imagetraining.duplicates.resolve`, applied with `APPLY_DUPLICATE_LABELS` in the transaction that
+finishes the session): the same library gives the same kept copies whatever the number of workers
+and the order of their commits. Until then an exact or near duplicate counts as processed.
 
 A chunk with images that vanished or could not be read is only written after the library check
 (discovery_worker/library.py) finds every anchor on their way in place; otherwise the chunk is
@@ -31,11 +33,13 @@ of jobs `vanished`, and they are trained when it is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import text
@@ -44,27 +48,32 @@ from discovery_worker.claims import FenceLost, RunContext, fence
 from discovery_worker.faultpoints import fault_point
 from discovery_worker.hashing import HASH_ALGORITHM, ImageResult
 from discovery_worker.library import SUSPECT_ERROR_CLASSES, Anchor, Anchors
-from discovery_worker.plan import load_plan, nested_ids
+from discovery_worker.plan import Plan, load_plan, nested_ids
 from discovery_worker.pool import TrainingPool
 from imagetraining import transitions
-from imagetraining.duplicates import (
-    SKIP_EXACT_DUPLICATE,
-    SKIP_NEAR_DUPLICATE,
-    NearIndex,
-    distance,
-    hash_bits,
-    quality_key,
-)
+from imagetraining.duplicates import Label, Trained, resolve
 from imagetraining.notifications import notify
 
 log = logging.getLogger(__name__)
 
 # Chunk sizing: at least this many images per pool process, and as many more as the pool finishes in
 # about CHUNK_SECONDS (fast images: fewer, larger transactions; slow ones: small chunks). A stop never
-# waits for a chunk: the pool call is cancelled at once and the chunk stays pending.
+# waits for a chunk: the pool call is cancelled at once and the chunk is released or expires.
 IMAGES_PER_PROCESS = 4
 CHUNK_SECONDS = 0.25
 MAX_CHUNK = 1000
+# How often the owner looks again while the last chunks are held by other workers.
+WAIT_FOR_HELPERS_SECONDS = 0.25
+# Duplicate labels are applied this many jobs per statement.
+LABELS_PER_STATEMENT = 10_000
+
+
+class _ChunkLost(Exception):
+    """The chunk's jobs are no longer ours: roll back, write nothing of it."""
+
+
+class _NotFinished(Exception):
+    """FINISH found a job not done: roll the duplicate labels back too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,32 +86,18 @@ class PendingJob:
     stored: ImageResult | None  # a still-valid stored hash: no decode needed
 
 
-_NEXT_CHUNK = text(
-    """
-    SELECT j.id AS job_id, j.asset_id, a.path, a.size_bytes, a.mtime_ns,
-           a.perceptual_hash, a.width, a.height, a.format, a.content_digest,
-           (a.perceptual_hash IS NOT NULL AND a.hash_algorithm = :algorithm AND a.content_digest IS NOT NULL
-            AND a.hashed_size_bytes = a.size_bytes AND a.hashed_mtime_ns = a.mtime_ns) AS hash_valid
-      FROM training_jobs j JOIN image_assets a ON a.id = j.asset_id
-     WHERE j.session_id = :id AND j.state = 'pending' AND j.id > :after
-     ORDER BY j.id
-     LIMIT :limit
-    """
-)
+@dataclass(slots=True)
+class Chunk:
+    """Jobs this run holds under one token until their results are written (or the lease lapses)."""
 
-# The session's kept images (completed jobs), read once per claim (one pass over the session's jobs)
-# and then kept up to date in memory: only this owner writes the session's jobs while it holds the
-# claim.
-_KEPT = text(
-    """
-    SELECT a.id AS asset_id, a.perceptual_hash, a.content_digest, a.path, a.size_bytes,
-           coalesce(a.width, 0) AS width, coalesce(a.height, 0) AS height
-      FROM training_jobs j JOIN image_assets a ON a.id = j.asset_id
-     WHERE j.session_id = :id AND j.state = 'completed'
-       AND a.hash_algorithm = :algorithm AND a.perceptual_hash IS NOT NULL AND a.content_digest IS NOT NULL
-       AND a.hashed_size_bytes = a.size_bytes AND a.hashed_mtime_ns = a.mtime_ns
-    """
-)
+    token: str
+    jobs: list[PendingJob]
+    claimed_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def job_ids(self) -> list[int]:
+        return [job.job_id for job in self.jobs]
+
 
 _WRITE_ASSETS = text(
     """
@@ -119,6 +114,27 @@ _WRITE_ASSETS = text(
     """
 )
 
+_UNFINISHED = text(
+    """
+    SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
+           count(*) FILTER (WHERE state = 'running') AS running
+      FROM training_jobs WHERE session_id = :id AND state IN ('pending', 'running')
+    """
+)
+
+# What duplicate resolution reads: every trained job of the session with its asset's hash and size.
+_TRAINED = text(
+    """
+    SELECT j.id AS job_id, j.asset_id, j.state, j.skip_reason, j.duplicate_of_asset_id,
+           j.near_duplicate_of_asset_id, j.near_duplicate_distance,
+           a.content_digest, a.perceptual_hash, coalesce(a.width, 0) AS width, coalesce(a.height, 0) AS height,
+           a.size_bytes, a.path
+      FROM training_jobs j JOIN image_assets a ON a.id = j.asset_id
+     WHERE j.session_id = :id AND j.state IN ('completed', 'skipped')
+       AND a.perceptual_hash IS NOT NULL AND a.content_digest IS NOT NULL
+    """
+)
+
 _FAILURES_BY_CLASS = text(
     """
     SELECT error_class, count(*) AS n FROM training_jobs
@@ -128,188 +144,93 @@ _FAILURES_BY_CLASS = text(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What a chunk's job becomes: its state, and the image it duplicates or resembles."""
-
-    job: PendingJob
-    result: ImageResult
-    state: str  # completed | failed | skipped
-    duplicate_of: int | None = None  # exact duplicate: the kept asset
-    near_of: int | None = None  # near duplicate: the closest kept asset
-    near_distance: int | None = None
-
-
-class KeptImages:
-    """The session's kept images: content digests (exact duplicates) and dHashes (near ones), with
-    each near candidate's hash and quality (for `skip_near_duplicates`)."""
-
-    def __init__(self, near_distance: int, *, skip_near: bool = False) -> None:
-        self.by_digest: dict[str, int] = {}
-        self.near = NearIndex(near_distance)
-        self.skip_near = skip_near
-        self.hashes: dict[int, int] = {}
-        self.quality: dict[int, tuple[int, int, str]] = {}
-
-    def keep(self, asset_id: int, perceptual_hash: str, digest: str, quality: tuple[int, int, str]) -> None:
-        known = self.by_digest.get(digest)
-        self.by_digest[digest] = asset_id if known is None else min(known, asset_id)
-        value = hash_bits(perceptual_hash)
-        self.near.add(value, asset_id)
-        self.hashes[asset_id] = value
-        self.quality[asset_id] = quality
-
-    def drop(self, asset_id: int) -> None:
-        """A kept image replaced by a better look-alike (skip_near_duplicates)."""
-        value = self.hashes.pop(asset_id, None)
-        if value is not None:
-            self.near.remove(value, asset_id)
-        self.quality.pop(asset_id, None)
-
-
-@dataclass(frozen=True, slots=True)
-class Demotion:
-    """A kept image of an earlier chunk that a better look-alike replaces: completed -> skipped."""
-
-    asset_id: int
-    near_of: int
-    distance: int
-
-
-def _distance_of(a: ImageResult, b: ImageResult) -> int:
-    return distance(hash_bits(str(a.perceptual_hash)), hash_bits(str(b.perceptual_hash)))
-
-
-def _quality(job: PendingJob, result: ImageResult) -> tuple[int, int, str]:
-    return quality_key(result.width, result.height, job.size_bytes, job.path)
-
-
-def _classify(
-    chunk: Sequence[PendingJob], results: dict[int, ImageResult], kept: KeptImages
-) -> tuple[list[Decision], list[Demotion]]:
-    """A decision for each job of the chunk, and the kept images of earlier chunks it replaces.
-
-    Exact duplicates: the kept copy of a digest is the lowest asset id among the session's completed
-    images, else the chunk's lowest. Near duplicates: the closest kept image within the distance
-    (earlier chunks, or lower asset ids in this chunk); equal distances go to the lower asset id.
-    Reported and trained; with `skip_near`, the better of the two (`quality_key`) is kept and the
-    other skipped, so the best of a group of look-alikes is the one trained whatever the order.
-    `kept` is not changed here: the caller applies the decisions once they are committed.
-    """
-    first_of_digest: dict[str, int] = {}
-    for job in chunk:
-        result = results[job.job_id]
-        if result.ok and result.perceptual_hash is not None:
-            d = result.content_digest
-            first_of_digest[d] = min(first_of_digest.get(d, job.asset_id), job.asset_id)
-    decisions: dict[int, Decision] = {}
-    local = NearIndex(kept.near.max_distance)
-    local_jobs: dict[int, tuple[PendingJob, ImageResult]] = {}  # asset id -> the chunk's kept image
-    replaced: set[int] = set()  # kept images of earlier chunks replaced in this chunk
-    demotions: list[Demotion] = []
-    # Ascending asset ids: within a chunk, the lower id is the earlier image for "near duplicate of".
-    for job in sorted(chunk, key=lambda j: j.asset_id):
-        result = results[job.job_id]
-        if not result.ok or result.perceptual_hash is None:
-            decisions[job.job_id] = Decision(job, result, "failed")
+def _changed_labels(rows: Sequence[Any], labels: dict[int, Label]) -> list[tuple[int, Label]]:
+    """The labels that differ from what the jobs hold now (usually few: a rerun changes nothing)."""
+    out = []
+    for r in rows:
+        label = labels.get(int(r.job_id))
+        if label is None:
             continue
-        original = kept.by_digest.get(result.content_digest, first_of_digest[result.content_digest])
-        if original != job.asset_id:
-            decisions[job.job_id] = Decision(job, result, "skipped", duplicate_of=original)
-            continue
-        value = hash_bits(result.perceptual_hash)
-        candidates = [c for c in (kept.near.nearest(value, excluding=replaced), local.nearest(value)) if c is not None]
-        near = min(candidates, key=lambda c: (c[1], c[0])) if candidates else None
-        if near is not None and kept.skip_near:
-            other, apart = near
-            if other in local_jobs:
-                other_job, other_result = local_jobs[other]
-                other_quality = _quality(other_job, other_result)
-            else:
-                other_quality = kept.quality[other]
-            if _quality(job, result) < other_quality:
-                # This one is better: it is kept, the other gives way.
-                if other in local_jobs:
-                    other_job, other_result = local_jobs.pop(other)
-                    local.remove(hash_bits(str(other_result.perceptual_hash)), other)
-                    decisions[other_job.job_id] = Decision(
-                        other_job, other_result, "skipped", near_of=job.asset_id, near_distance=apart
-                    )
-                else:
-                    replaced.add(other)
-                    demotions.append(Demotion(other, job.asset_id, apart))
-                # Skipped in favour of the one replaced: they name the one kept now.
-                for job_id, earlier in list(decisions.items()):
-                    if earlier.state == "skipped" and earlier.duplicate_of is None and earlier.near_of == other:
-                        gap = _distance_of(earlier.result, result)
-                        decisions[job_id] = Decision(
-                            earlier.job, earlier.result, "skipped", near_of=job.asset_id, near_distance=gap
-                        )
-            else:
-                decisions[job.job_id] = Decision(job, result, "skipped", near_of=other, near_distance=apart)
-                continue
-        local.add(value, job.asset_id)
-        local_jobs[job.asset_id] = (job, result)
-        decisions[job.job_id] = Decision(
-            job,
-            result,
-            "completed",
-            near_of=None if near is None else near[0],
-            near_distance=None if near is None else near[1],
+        current = (
+            str(r.state),
+            str(r.skip_reason or ""),
+            r.duplicate_of_asset_id,
+            r.near_duplicate_of_asset_id,
+            r.near_duplicate_distance,
         )
-    return [decisions[job.job_id] for job in chunk], demotions
-
-
-def _skip_reason(d: Decision) -> str:
-    if d.state != "skipped":
-        return ""
-    return SKIP_EXACT_DUPLICATE if d.duplicate_of is not None else SKIP_NEAR_DUPLICATE
+        wanted = (label.state, label.skip_reason, label.duplicate_of, label.near_of, label.near_distance)
+        if current != wanted:
+            out.append((int(r.job_id), label))
+    return out
 
 
 class TrainingRun:
-    """One claimed session's training: its pending jobs through the worker's shared pool (the plug-in that turns
-    an image into features is `trainer.Trainer`)."""
+    """One session's training on this worker: its pending jobs, chunk by chunk, through the worker's
+    shared pool (the plug-in that turns an image into features is `trainer.Trainer`).
 
-    def __init__(self, ctx: RunContext, pool: TrainingPool) -> None:
+    `owner`: this worker owns the session; it finishes the session once no job is left. A helper
+    returns when no chunk is left to claim, or after `slice_seconds` so its pool turns to other
+    sessions (fairness).
+    """
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        pool: TrainingPool,
+        *,
+        owner: bool = True,
+        lease_seconds: float = 10.0,
+        heartbeat_seconds: float = 2.0,
+        slice_seconds: float | None = None,
+    ) -> None:
         self.ctx = ctx
         self.pool = pool
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.slice_seconds = slice_seconds
         self.chunk_size = max(4, pool.size * IMAGES_PER_PROCESS)
-        self._mark = time.monotonic()
-        self._kept = KeptImages(0)
+        self._plan: Plan | None = None
         self._nested: list[int] = []
         self._anchors = Anchors()
+        self._held: dict[str, Chunk] = {}  # chunks in flight, by token
+        self.images_written = 0  # images this run committed (completed or failed)
 
     async def _prepare(self) -> None:
         sid = self.ctx.claim.session_id
-        plan = await load_plan(self.ctx)
-        self._nested = nested_ids(plan.subdirectories)
+        self._plan = await load_plan(self.ctx)
+        self._nested = nested_ids(self._plan.subdirectories)
         async with self.ctx.db.engine.connect() as conn:
-            rows = (await conn.execute(_KEPT, {"id": sid, "algorithm": HASH_ALGORITHM})).all()
             anchors = (
                 await conn.execute(
                     text("SELECT path, inode, device FROM library_anchors WHERE session_id = :id"), {"id": sid}
                 )
             ).all()
-        self._kept = KeptImages(plan.near_duplicate_distance, skip_near=plan.skip_near_duplicates)
-        for r in sorted(rows, key=lambda r: int(r.asset_id)):
-            quality = quality_key(int(r.width), int(r.height), int(r.size_bytes), str(r.path))
-            self._kept.keep(int(r.asset_id), str(r.perceptual_hash), str(r.content_digest), quality)
         self._anchors = Anchors(Anchor(str(r.path), int(r.inode), int(r.device)) for r in anchors)
 
-    async def _next_chunk(self, after: int) -> list[PendingJob]:
-        async with self.ctx.db.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    _NEXT_CHUNK,
-                    {
-                        "id": self.ctx.claim.session_id,
-                        "after": after,
-                        "limit": self.chunk_size,
-                        "algorithm": HASH_ALGORITHM,
-                    },
-                )
-            ).all()
-        out: list[PendingJob] = []
+    async def _claim_chunk(self, after: int) -> Chunk | None:
+        token = str(uuid.uuid4())
+        params = {
+            "id": self.ctx.claim.session_id,
+            "after": after,
+            "limit": self.chunk_size,
+            "token": token,
+            "worker": self.ctx.claim.owner_id,
+            "lease": self.lease_seconds,
+            "algorithm": HASH_ALGORITHM,
+        }
+        async with self.ctx.db.engine.begin() as conn:
+            if (
+                await conn.execute(transitions.LOCK_RUNNING_SESSION, {"id": self.ctx.claim.session_id})
+            ).first() is None:
+                return None  # paused, cancelled or ended: the watcher stops this run
+            reclaimed = await conn.execute(transitions.RECLAIM_EXPIRED_CHUNKS, {"id": self.ctx.claim.session_id})
+            if reclaimed.rowcount:  # jobs behind the cursor are pending again: take them first
+                params["after"] = 0
+            rows = (await conn.execute(transitions.CLAIM_CHUNK, params)).all()
+        if not rows:
+            return None
+        jobs: list[PendingJob] = []
         for r in rows:
             stored = None
             if r.hash_valid:
@@ -321,14 +242,36 @@ class TrainingRun:
                     format=r.format or "",
                     content_digest=r.content_digest,
                 )
-            out.append(
+            jobs.append(
                 PendingJob(int(r.job_id), int(r.asset_id), str(r.path), int(r.size_bytes), int(r.mtime_ns), stored)
             )
-        return out
+        chunk = Chunk(token, jobs)
+        self._held[token] = chunk
+        return chunk
 
-    async def _evaluate(self, chunk: list[PendingJob]) -> dict[int, ImageResult]:
-        results = {job.job_id: job.stored for job in chunk if job.stored is not None}
-        todo = [(job.job_id, job.path) for job in chunk if job.stored is None]
+    async def _heartbeat(self) -> None:
+        """Extend the leases of this run's chunks in flight, so a slow chunk is never taken from a live worker."""
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            chunks = list(self._held.values())
+            if not chunks:
+                continue
+            try:
+                async with self.ctx.db.engine.begin() as conn:
+                    await conn.execute(
+                        transitions.EXTEND_CHUNKS,
+                        {
+                            "lease": self.lease_seconds,
+                            "job_ids": [i for c in chunks for i in c.job_ids],
+                            "tokens": [c.token for c in chunks],
+                        },
+                    )
+            except Exception as exc:  # database away: the leases lapse if it stays away; fencing holds
+                log.warning("session %d: chunk heartbeat failed: %s", self.ctx.claim.session_id, exc)
+
+    async def _evaluate(self, chunk: Chunk) -> dict[int, ImageResult]:
+        results = {job.job_id: job.stored for job in chunk.jobs if job.stored is not None}
+        todo = [(job.job_id, job.path) for job in chunk.jobs if job.stored is None]
         started = time.monotonic()
         for job_id, result in await self.pool.process(todo):
             results[job_id] = result
@@ -338,11 +281,11 @@ class TrainingRun:
             self.chunk_size = int(min(MAX_CHUNK, max(smallest, per_second * CHUNK_SECONDS)))
         return results
 
-    async def _check_library(self, chunk: list[PendingJob], results: dict[int, ImageResult]) -> None:
+    async def _check_library(self, chunk: Chunk, results: dict[int, ImageResult]) -> None:
         """Raise LibraryOffline when the chunk's vanished or unreadable images are the library's doing."""
         suspects = [
             job.path
-            for job in chunk
+            for job in chunk.jobs
             if job.stored is None
             and not results[job.job_id].ok
             and results[job.job_id].error_class in SUSPECT_ERROR_CLASSES
@@ -352,27 +295,37 @@ class TrainingRun:
             if offline is not None:
                 raise offline
 
-    async def _write(self, chunk: list[PendingJob], results: dict[int, ImageResult]) -> None:
+    async def _write(self, chunk: Chunk, results: dict[int, ImageResult]) -> None:
+        """One fenced transaction; FenceLost when the session stopped running. A chunk no longer ours
+        (its lease lapsed and another worker took it, or a pause released it) is dropped unwritten."""
         sid = self.ctx.claim.session_id
         await self._check_library(chunk, results)
-        now = time.monotonic()
-        seconds, self._mark = now - self._mark, now
+        seconds = time.monotonic() - chunk.claimed_at
+        try:
+            row = await self._commit(chunk, results, seconds)
+        except _ChunkLost:
+            self._held.pop(chunk.token, None)
+            log.warning(
+                "session %d: a chunk of %d images was taken back (its lease lapsed); nothing of it written",
+                sid,
+                len(chunk.jobs),
+            )
+            return
+        fault_point("training_chunk_after_commit")
+        self._held.pop(chunk.token, None)
+        self.images_written += len(chunk.jobs)
+        self.ctx.progress(row)
+
+    async def _commit(self, chunk: Chunk, results: dict[int, ImageResult], seconds: float) -> dict[str, Any]:
+        sid = self.ctx.claim.session_id
         async with self.ctx.db.engine.begin() as conn:
-            if await fence(conn, self.ctx.claim, "running") is None:
+            if (await conn.execute(transitions.TRAINING_FENCE, {"id": sid})).first() is None:
                 raise FenceLost
-            decided, demotions = _classify(chunk, results, self._kept)
-            if demotions:
-                # Before the jobs' statement, whose RETURNING row then carries these counts too.
-                await conn.execute(
-                    transitions.DEMOTE_NEAR_DUPLICATES,
-                    {
-                        "id": sid,
-                        "asset_ids": [d.asset_id for d in demotions],
-                        "near_of": [d.near_of for d in demotions],
-                        "distances": [d.distance for d in demotions],
-                    },
-                )
-            fresh = [(d.job, d.result) for d in decided if d.result.ok and d.job.stored is None]
+            held = (await conn.execute(transitions.CHUNK_FENCE, {"job_ids": chunk.job_ids, "token": chunk.token})).all()
+            if len(held) != len(chunk.jobs):
+                raise _ChunkLost
+            fresh = [(job, results[job.job_id]) for job in chunk.jobs if job.stored is None]
+            fresh = [(j, r) for j, r in fresh if r.ok and r.perceptual_hash is not None]
             if fresh:
                 await conn.execute(
                     _WRITE_ASSETS,
@@ -389,54 +342,109 @@ class TrainingRun:
                         "mtimes": [j.mtime_ns for j, _r in fresh],
                     },
                 )
+            ok = [results[job.job_id].ok and results[job.job_id].perceptual_hash is not None for job in chunk.jobs]
             committed = await conn.execute(
                 transitions.RECORD_OUTCOMES,
                 {
                     "id": sid,
+                    "token": chunk.token,
+                    "worker": self.ctx.claim.owner_id,
                     "seconds": seconds,
                     "nested_ids": self._nested,
-                    "job_ids": [d.job.job_id for d in decided],
-                    "states": [d.state for d in decided],
-                    "error_classes": [d.result.error_class[:32] if d.state == "failed" else "" for d in decided],
-                    "error_messages": [d.result.error_message if d.state == "failed" else "" for d in decided],
-                    "skip_reasons": [_skip_reason(d) for d in decided],
-                    "duplicate_of": [d.duplicate_of for d in decided],
-                    "near_of": [d.near_of for d in decided],
-                    "near_distances": [d.near_distance for d in decided],
+                    "job_ids": chunk.job_ids,
+                    "states": ["completed" if good else "failed" for good in ok],
+                    "error_classes": [
+                        "" if good else results[job.job_id].error_class[:32]
+                        for job, good in zip(chunk.jobs, ok, strict=True)
+                    ],
+                    "error_messages": [
+                        "" if good else results[job.job_id].error_message
+                        for job, good in zip(chunk.jobs, ok, strict=True)
+                    ],
+                    "skip_reasons": [""] * len(chunk.jobs),
+                    "duplicate_of": [None] * len(chunk.jobs),
+                    "near_of": [None] * len(chunk.jobs),
+                    "near_distances": [None] * len(chunk.jobs),
                 },
             )
             row = dict(committed.mappings().one())
             fault_point("training_chunk_before_commit")
-        fault_point("training_chunk_after_commit")
-        self.ctx.progress(row)
-        for demoted in demotions:  # committed: later chunks compare with what is kept now
-            self._kept.drop(demoted.asset_id)
-        for d in sorted(decided, key=lambda d: d.job.asset_id):
-            if d.state == "completed" and d.result.perceptual_hash is not None:
-                self._kept.keep(
-                    d.job.asset_id, d.result.perceptual_hash, d.result.content_digest, _quality(d.job, d.result)
+        return row
+
+    async def _unfinished(self) -> tuple[int, int]:
+        async with self.ctx.db.engine.connect() as conn:
+            row = (await conn.execute(_UNFINISHED, {"id": self.ctx.claim.session_id})).one()
+        return int(row.pending), int(row.running)
+
+    async def _labels(self) -> list[tuple[int, Label]]:
+        """Duplicate resolution over every trained job of the session (read once, decided in a thread)."""
+        assert self._plan is not None
+        async with self.ctx.db.engine.connect() as conn:
+            rows = (await conn.execute(_TRAINED, {"id": self.ctx.claim.session_id})).all()
+        plan = self._plan
+
+        def decide() -> list[tuple[int, Label]]:
+            trained = [
+                Trained(
+                    int(r.job_id),
+                    int(r.asset_id),
+                    str(r.content_digest),
+                    str(r.perceptual_hash),
+                    int(r.width),
+                    int(r.height),
+                    int(r.size_bytes),
+                    str(r.path),
                 )
+                for r in rows
+            ]
+            labels = resolve(trained, plan.near_duplicate_distance, skip_near=plan.skip_near_duplicates)
+            return _changed_labels(rows, labels)
+
+        return await asyncio.to_thread(decide)
 
     async def _finish(self) -> dict[str, Any] | None:
-        """Fenced running -> completed | failed when no job is pending; None when some still are."""
-        sid = self.ctx.claim.session_id
+        """Owner only: duplicates resolved and running -> completed | failed, in one fenced transaction,
+        once no job is pending or held; None when some still are."""
+        changes = await self._labels()
         fault_point("before_completed_transition")
+        try:
+            out = await self._commit_finish(changes)
+        except _NotFinished:  # a job became pending again meanwhile: labels are decided next time
+            return None
+        self.ctx.state(out)
+        return out
+
+    async def _commit_finish(self, changes: list[tuple[int, Label]]) -> dict[str, Any]:
+        sid = self.ctx.claim.session_id
         async with self.ctx.db.engine.begin() as conn:
             if await fence(conn, self.ctx.claim, "running") is None:
                 raise FenceLost
+            for start in range(0, len(changes), LABELS_PER_STATEMENT):
+                part = changes[start : start + LABELS_PER_STATEMENT]
+                await conn.execute(
+                    transitions.APPLY_DUPLICATE_LABELS,
+                    {
+                        "id": sid,
+                        "job_ids": [job_id for job_id, _l in part],
+                        "states": [label.state for _j, label in part],
+                        "skip_reasons": [label.skip_reason for _j, label in part],
+                        "duplicate_of": [label.duplicate_of for _j, label in part],
+                        "near_of": [label.near_of for _j, label in part],
+                        "near_distances": [label.near_distance for _j, label in part],
+                    },
+                )
             row = (await conn.execute(transitions.FINISH, {"id": sid})).mappings().first()
             if row is None:
-                return None
+                raise _NotFinished
             out = dict(row)
             out["failures"] = {
                 str(r.error_class): int(r.n) for r in (await conn.execute(_FAILURES_BY_CLASS, {"id": sid})).all()
             }
             await notify(conn, sid)
-        self.ctx.state(out)
         return out
 
     async def _until_done_or_stopped(self, task: asyncio.Future[dict[int, ImageResult]]) -> bool:
-        """Wait for `task`; False (and the task cancelled) when the runner must stop first."""
+        """Wait for `task`; False (and the task cancelled) when the run must stop first."""
         stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self.ctx.stop.event.wait())
         try:
             await asyncio.wait([task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
@@ -447,22 +455,27 @@ class TrainingRun:
             return False
         return True
 
-    async def run(self) -> dict[str, Any] | None:
-        """Train until no job is pending (returns the final row) or the runner is stopped (None).
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds` unless the run is stopped first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ctx.stop.event.wait(), seconds)
 
-        Two chunks in flight at most: chunk N+1 is decoded while chunk N is written. Raises FenceLost.
-        """
+    async def run(self) -> dict[str, Any] | None:
+        """Train until the session is finished (owner: returns the final row) or there is nothing left
+        to claim (helper: None), or the run is stopped (None). Raises FenceLost."""
         await self._prepare()
-        self._mark = time.monotonic()
+        heartbeat = asyncio.create_task(self._heartbeat(), name=f"chunks-{self.ctx.claim.session_id}")
+        started = time.monotonic()
         after = 0
-        inflight: tuple[list[PendingJob], asyncio.Future[dict[int, ImageResult]]] | None = None
-        nxt: tuple[list[PendingJob], asyncio.Future[dict[int, ImageResult]]] | None = None
+        inflight: tuple[Chunk, asyncio.Future[dict[int, ImageResult]]] | None = None
+        nxt: tuple[Chunk, asyncio.Future[dict[int, ImageResult]]] | None = None
         try:
             while not self.ctx.stop.is_set():
-                chunk = await self._next_chunk(after)
+                sliced = self.slice_seconds is not None and time.monotonic() - started >= self.slice_seconds
+                chunk = None if sliced else await self._claim_chunk(after)
                 nxt = None
-                if chunk:
-                    after = chunk[-1].job_id
+                if chunk is not None:
+                    after = chunk.jobs[-1].job_id
                     nxt = (chunk, asyncio.ensure_future(self._evaluate(chunk)))
                 if inflight is not None:
                     done_chunk, task = inflight
@@ -470,14 +483,44 @@ class TrainingRun:
                         return None
                     await self._write(done_chunk, task.result())
                 inflight, nxt = nxt, None
-                if inflight is None:
+                if inflight is not None:
+                    continue
+                if after != 0 and not sliced:
+                    after = 0  # a job may have become pending behind the cursor: look once more from the start
+                    continue
+                if not self.owner:
+                    return None
+                pending, running = await self._unfinished()
+                if pending == 0 and running == 0:
                     final = await self._finish()
                     if final is not None:
                         return final
-                    after = 0  # a job became pending again behind the cursor: go round once more
+                # The last chunks are other workers' (or being claimed right now): look again shortly.
+                await self._pause(WAIT_FOR_HELPERS_SECONDS)
             return None
         finally:
-            # Chunks still being decoded are abandoned: nothing of them was written, they stay pending.
+            # Chunks still being decoded are abandoned: nothing of them was written; their jobs stay
+            # `running` until a pause releases them or their lease lapses and any worker takes them.
             for pair in (inflight, nxt):
                 if pair is not None and not pair[1].done():
                     pair[1].cancel()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            await self._release_held()
+
+    async def _release_held(self) -> None:
+        """Give back the chunks this run still holds (stopped, lease lost, shut down): any worker can
+        take them at once instead of after their lease. Best effort: unreleased, they expire."""
+        chunks = list(self._held.values())
+        self._held.clear()
+        if not chunks:
+            return
+        try:
+            async with self.ctx.db.engine.begin() as conn:
+                await conn.execute(
+                    transitions.RELEASE_HELD_CHUNKS,
+                    {"job_ids": [i for c in chunks for i in c.job_ids], "tokens": [c.token for c in chunks]},
+                )
+        except Exception as exc:
+            log.info("session %d: chunks not released (%s): they expire", self.ctx.claim.session_id, exc)

@@ -23,6 +23,7 @@ from typing import Any
 
 from discovery_worker import claims
 from discovery_worker.claims import Claim, RunObserver
+from discovery_worker.helpers import Helper
 from discovery_worker.pool import TrainingPool
 from discovery_worker.runner import SessionRunner, ThrottledLog
 from imagetraining.db import faults
@@ -88,11 +89,31 @@ class Worker:
         self._listen_task: asyncio.Task[None] | None = None
         # Test hook: hold heartbeats back so that the lease expires while the runner keeps working.
         self.heartbeats_held = False
+        self._help_wake = asyncio.Event()
+        self.helper = Helper(self, self._help_wake)
+        self._help_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop(), name="claim-loop")
         self._listen_task = asyncio.create_task(self._listen(), name="listen")
-        log.info("worker %s started at %s (up to %d sessions)", self.worker_id, self.address, self.max_sessions)
+        if self.settings.help_other_sessions:
+            self._help_task = asyncio.create_task(self.helper.run(self._has_room), name="help-loop")
+        log.info(
+            "worker %s started at %s (up to %d sessions%s)",
+            self.worker_id,
+            self.address,
+            self.max_sessions,
+            ", helping others with the room left" if self.settings.help_other_sessions else "",
+        )
+
+    def _has_room(self) -> bool:
+        """Capacity for helping: fewer owned sessions than the worker may run."""
+        return not self._stopping and len(self.runners) < self.max_sessions
+
+    def cooling_down(self) -> list[int]:
+        """Sessions this worker leaves alone for now after a crash here."""
+        now = time.monotonic()
+        return [sid for sid, (until, _n) in self._cooldown.items() if until > now]
 
     @property
     def max_sessions(self) -> int:
@@ -100,6 +121,7 @@ class Worker:
 
     def _on_notify(self, session_id: int | None) -> None:
         self._wake.set()
+        self._help_wake.set()
         runner = self.runners.get(session_id) if session_id is not None else None
         if runner is not None:
             runner.poke()
@@ -178,12 +200,15 @@ class Worker:
         self._wake.set()
         for runner in list(self.runners.values()):
             runner.stop.set("shutdown")
+        self.helper.stop()
         tasks = list(self._tasks.values())
+        if self._help_task is not None:
+            tasks.append(self._help_task)
         if tasks:
             _done, slow = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECONDS)
             for task in slow:
                 task.cancel()
-        for background in (self._loop_task, self._listen_task):
+        for background in (self._loop_task, self._listen_task, self._help_task):
             if background is not None:
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -8,9 +8,12 @@ Two kinds, never confused (README "Duplicates"):
   `near_duplicate_distance` bits: a thumbnail, a re-encoded or lightly edited copy) but is another
   file: it is trained like any image, and its job names the look-alike and the distance. A 256 px
   thumbnail and its 12 MP original are near duplicates, so both are kept. With the session's
-  `skip_near_duplicates`, only the best of look-alikes is trained (`quality_key`: the most pixels,
-  then the largest file, then the first path), whatever order they are found in: a better one found
-  later takes the place of the one kept so far, which becomes skipped `near_duplicate`.
+  `skip_near_duplicates`, only the best of look-alikes is kept (`quality_key`: the most pixels,
+  then the largest file, then the first path); the others end skipped `near_duplicate`.
+
+`resolve` decides both from the session's trained jobs alone, once training has ended (the owner
+applies the labels in the transaction that completes the session): many workers commit chunks in
+any order, and the same set of images must give the same kept copies whatever that order.
 
 `NearIndex` finds, for a new hash, the closest stored one within the distance without comparing it
 with every stored hash: the 64 bits are cut into `distance + 1` bands, and two hashes at most
@@ -19,6 +22,9 @@ band value are compared.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 SKIP_EXACT_DUPLICATE = "exact_duplicate"
 SKIP_NEAR_DUPLICATE = "near_duplicate"
@@ -88,3 +94,77 @@ class NearIndex:
 def quality_key(width: int, height: int, size_bytes: int, path: str) -> tuple[int, int, str]:
     """Smaller is better: the most pixels, then the largest file, then the first path."""
     return (-(width * height), -size_bytes, path)
+
+
+@dataclass(frozen=True, slots=True)
+class Trained:
+    """A job of the session that trained (completed or skipped as a duplicate): what resolution reads."""
+
+    job_id: int
+    asset_id: int
+    content_digest: str
+    perceptual_hash: str
+    width: int
+    height: int
+    size_bytes: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """What resolution decides for one job: kept (completed) or skipped, and what it duplicates."""
+
+    state: str  # 'completed' | 'skipped'
+    skip_reason: str = ""
+    duplicate_of: int | None = None
+    near_of: int | None = None
+    near_distance: int | None = None
+
+
+def resolve(jobs: Iterable[Trained], max_distance: int, *, skip_near: bool) -> dict[int, Label]:
+    """Every trained job's label, from the set of jobs alone: the same set gives the same labels
+    whatever the order it was trained or committed in, by however many workers.
+
+    - Exact duplicates (equal content digests): the lowest asset id is kept; the others are skipped
+      `exact_duplicate` of it.
+    - Near duplicates among the kept (dHashes at most `max_distance` bits apart), reported: each
+      names its closest look-alike with a lower asset id (then the lowest id), and stays trained.
+    - With `skip_near`: the kept look-alikes are taken best first (`quality_key`); one within the
+      distance of an image already kept is skipped `near_duplicate` of the closest such (then the
+      lowest id); the best of every group of look-alikes is the one that stays.
+
+    Blocking (CPU): run it in a thread.
+    """
+    by_digest: dict[str, Trained] = {}
+    everyone = list(jobs)
+    for job in everyone:
+        known = by_digest.get(job.content_digest)
+        if known is None or job.asset_id < known.asset_id:
+            by_digest[job.content_digest] = job
+    labels: dict[int, Label] = {}
+    keepers: list[Trained] = []
+    for job in everyone:
+        keeper = by_digest[job.content_digest]
+        if keeper.asset_id != job.asset_id:
+            labels[job.job_id] = Label("skipped", SKIP_EXACT_DUPLICATE, duplicate_of=keeper.asset_id)
+        elif keeper.job_id == job.job_id:
+            keepers.append(job)
+        else:  # the same asset twice (cannot happen: one job per asset per session); keep one
+            labels[job.job_id] = Label("skipped", SKIP_EXACT_DUPLICATE, duplicate_of=keeper.asset_id)
+    index = NearIndex(max_distance)
+    if skip_near:
+        order = sorted(keepers, key=lambda j: (quality_key(j.width, j.height, j.size_bytes, j.path), j.asset_id))
+    else:
+        order = sorted(keepers, key=lambda j: j.asset_id)
+    for job in order:
+        value = hash_bits(job.perceptual_hash)
+        near = index.nearest(value)
+        if near is not None and skip_near:
+            labels[job.job_id] = Label("skipped", SKIP_NEAR_DUPLICATE, near_of=near[0], near_distance=near[1])
+            continue
+        index.add(value, job.asset_id)
+        if near is None:
+            labels[job.job_id] = Label("completed")
+        else:
+            labels[job.job_id] = Label("completed", near_of=near[0], near_distance=near[1])
+    return labels

@@ -50,6 +50,8 @@ class Settings:
     poll_seconds: float = 2.0
     max_attempts: int = 5
     max_sessions_per_worker: int = 2
+    # Train chunks of running sessions other workers own, with the capacity owned sessions leave.
+    help_other_sessions: bool = True
     trainer: str = "discovery_worker.trainer:DefaultTrainer"
     max_file_bytes: int = 100 * 1024 * 1024
     max_image_pixels: int = 100_000_000
@@ -101,6 +103,7 @@ class Settings:
             poll_seconds=p.number("IMAGETRAINING_POLL_SECONDS", 2.0, 0.05, 600.0),
             max_attempts=p.integer("IMAGETRAINING_MAX_ATTEMPTS", 5, 1, 1000),
             max_sessions_per_worker=p.integer("IMAGETRAINING_MAX_SESSIONS_PER_WORKER", 2, 1, 64),
+            help_other_sessions=p.boolean("IMAGETRAINING_HELP_OTHER_SESSIONS", True),
             trainer=p.dotted("IMAGETRAINING_TRAINER", "discovery_worker.trainer:DefaultTrainer"),
             max_file_bytes=p.integer("IMAGETRAINING_MAX_FILE_BYTES", 100 * 1024 * 1024, 1, 1 << 40),
             max_image_pixels=p.integer("IMAGETRAINING_MAX_IMAGE_PIXELS", 100_000_000, 1, 1 << 40),
@@ -243,6 +246,17 @@ class _Parser:
         if raw.upper() not in allowed:
             raise SettingsError(name, f"{raw!r} is not one of {', '.join(allowed)}")
         return raw.upper()
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        value = raw.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(name, f"{raw!r} is not true or false (1/0, yes/no, on/off)")
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
         raw = self._raw(name)

@@ -80,6 +80,8 @@ class Transition:
     assignments: str
     targets: tuple[SessionState, ...]
     need_selection: bool = False
+    # Statements run after it in the same transaction, with the session id as :id.
+    also: tuple[TextClause, ...] = ()
 
     @property
     def statement(self) -> TextClause:
@@ -97,6 +99,17 @@ class Transition:
         return {"id": session_id, "allowed": [s.value for s in self.source]}
 
 
+# The session stops training (pause, cancel, library offline): the chunks workers hold go back to
+# pending at once, so a resume finds them claimable and a worker that still holds one writes nothing
+# of it (its chunk fence no longer matches).
+RELEASE_CHUNKS = text(
+    """
+    UPDATE training_jobs
+       SET state = 'pending', lease_token = NULL, lease_expires_at = NULL, trained_by = NULL, update_time = now()
+     WHERE session_id = :id AND state = 'running'
+    """
+)
+
 _NEW_RUN = f"state = 'discovering', run_scope = 'all', {RESET_RUN}, {RESET_DISCOVERY}"
 RESTARTABLE = (S.COMPLETED, S.CANCELLED, S.FAILED)
 
@@ -110,7 +123,13 @@ RESTART_FAILED = Transition(
     (S.DISCOVERING, S.RUNNING),
     need_selection=True,
 )
-PAUSE = Transition("PauseSession", (S.DISCOVERING, S.RUNNING), "state = 'paused', resume_state = state", (S.PAUSED,))
+PAUSE = Transition(
+    "PauseSession",
+    (S.DISCOVERING, S.RUNNING),
+    "state = 'paused', resume_state = state",
+    (S.PAUSED,),
+    also=(RELEASE_CHUNKS,),
+)
 RESUME = Transition(
     "ResumeSession",
     (S.PAUSED,),
@@ -122,6 +141,7 @@ CANCEL = Transition(
     (S.PENDING, S.DISCOVERING, S.RUNNING, S.PAUSED),
     "state = 'cancelled', end_time = now(), state_reason = 'cancelled by a client'",
     (S.CANCELLED,),
+    also=(RELEASE_CHUNKS,),
 )
 CLIENT_TRANSITIONS = (START, RESTART_ALL, RESTART_FAILED, PAUSE, RESUME, CANCEL)
 
@@ -345,6 +365,95 @@ NO_IMAGES = text(
 
 # ---- training (the owner, fenced by the caller's FENCE in the same transaction) ----------------------
 
+# ---- training chunks (any worker: the owner or a helper) ---------------------------------------------
+
+# A running session's pending jobs are claimed in chunks by any worker with pool capacity: the jobs
+# go `running` under the chunk's token and lease. A chunk whose lease lapsed (its worker died or
+# froze) goes back to pending first, so another worker trains it; the late worker's write then finds
+# its token gone (CHUNK_FENCE) and writes nothing.
+RECLAIM_EXPIRED_CHUNKS = text(
+    """
+    UPDATE training_jobs
+       SET state = 'pending', lease_token = NULL, lease_expires_at = NULL, trained_by = NULL, update_time = now()
+     WHERE session_id = :id AND state = 'running' AND lease_expires_at < now()
+    """
+)
+
+# The first statement of a chunk claim: the session is running, and stays so until the claim
+# commits (FOR SHARE: a pause or cancel waits for the claim and then releases its chunk; a claim
+# behind a pause sees it paused and takes nothing).
+LOCK_RUNNING_SESSION = text("SELECT id FROM training_sessions WHERE id = :id AND state = 'running' FOR SHARE")
+
+# Up to :limit pending jobs after :after in id order (SKIP LOCKED: two workers never take the same
+# job), after LOCK_RUNNING_SESSION in the same transaction; returns what training needs of each.
+CLAIM_CHUNK = text(
+    """
+    WITH picked AS (
+        SELECT id FROM training_jobs
+         WHERE session_id = :id AND state = 'pending' AND id > :after
+         ORDER BY id
+         LIMIT :limit
+           FOR UPDATE SKIP LOCKED
+    ),
+    claimed AS (
+        UPDATE training_jobs j
+           SET state = 'running', lease_token = :token, trained_by = :worker,
+               lease_expires_at = now() + make_interval(secs => :lease), update_time = now()
+          FROM picked
+         WHERE j.id = picked.id
+        RETURNING j.id, j.asset_id
+    )
+    SELECT c.id AS job_id, c.asset_id, a.path, a.size_bytes, a.mtime_ns,
+           a.perceptual_hash, a.width, a.height, a.format, a.content_digest,
+           (a.perceptual_hash IS NOT NULL AND a.hash_algorithm = :algorithm AND a.content_digest IS NOT NULL
+            AND a.hashed_size_bytes = a.size_bytes AND a.hashed_mtime_ns = a.mtime_ns) AS hash_valid
+      FROM claimed c JOIN image_assets a ON a.id = c.asset_id
+     ORDER BY c.id
+    """
+)
+
+# The heartbeat of a worker's chunks in flight; returns the tokens still held.
+EXTEND_CHUNKS = text(
+    """
+    UPDATE training_jobs
+       SET lease_expires_at = now() + make_interval(secs => :lease)
+     WHERE id = ANY(CAST(:job_ids AS bigint[])) AND state = 'running'
+       AND lease_token = ANY(CAST(:tokens AS text[]))
+    RETURNING lease_token
+    """
+)
+
+# A worker gives back the chunks it still holds (it stopped before writing them).
+RELEASE_HELD_CHUNKS = text(
+    """
+    UPDATE training_jobs
+       SET state = 'pending', lease_token = NULL, lease_expires_at = NULL, trained_by = NULL, update_time = now()
+     WHERE id = ANY(CAST(:job_ids AS bigint[])) AND state = 'running'
+       AND lease_token = ANY(CAST(:tokens AS text[]))
+    """
+)
+
+# The first statement of a chunk's write: the session is still running (a pause or cancel since
+# makes it match nothing), its row locked, so every chunk commit of a session is serialised.
+TRAINING_FENCE = text(
+    """
+    UPDATE training_sessions
+       SET update_time = now()
+     WHERE id = :id AND state = 'running'
+    RETURNING id
+    """
+)
+
+# The second: the chunk's jobs are still this chunk's (a lapsed lease reclaimed, or a pause, takes
+# them away); the caller compares the count with the chunk's size.
+CHUNK_FENCE = text(
+    """
+    SELECT id FROM training_jobs
+     WHERE id = ANY(CAST(:job_ids AS bigint[])) AND state = 'running' AND lease_token = :token
+       FOR UPDATE
+    """
+)
+
 # A chunk's outcomes: jobs, counters and per-subdirectory trained counts in one statement, so they
 # cannot disagree.
 RECORD_OUTCOMES = text(
@@ -364,7 +473,7 @@ RECORD_OUTCOMES = text(
           FROM r
           CROSS JOIN LATERAL (
                 SELECT x.id FROM training_jobs x
-                 WHERE x.id = r.job_id AND x.session_id = :id AND x.state = 'pending'
+                 WHERE x.id = r.job_id AND x.session_id = :id AND x.state = 'running' AND x.lease_token = :token
                  LIMIT 1) x
     ),
     done AS (
@@ -372,6 +481,7 @@ RECORD_OUTCOMES = text(
            SET state = t.state, error_class = t.error_class, error_message = t.error_message,
                skip_reason = t.skip_reason, duplicate_of_asset_id = t.duplicate_of,
                near_duplicate_of_asset_id = t.near_of, near_duplicate_distance = t.near_distance,
+               lease_token = NULL, lease_expires_at = NULL, trained_by = :worker,
                attempts = j.attempts + 1, update_time = now()
           FROM target t
          WHERE j.id = t.job_id
@@ -397,55 +507,58 @@ RECORD_OUTCOMES = text(
        SET processed_images = processed_images + (SELECT count(*) FROM done WHERE state = 'completed'),
            failed_images = failed_images + (SELECT count(*) FROM done WHERE state = 'failed'),
            skipped_images = skipped_images + (SELECT count(*) FROM done WHERE state = 'skipped'),
-           training_seconds = training_seconds + :seconds
+           -- Wall-clock time: the time since the last chunk commit of any worker, at most this
+           -- chunk's own time, so two workers training at once do not count a second twice and a
+           -- pause in between counts nothing.
+           training_seconds = training_seconds
+               + LEAST(:seconds, COALESCE(EXTRACT(EPOCH FROM now() - training_mark), :seconds)),
+           training_mark = now()
      WHERE id = :id
     RETURNING *
     """
 )
 
-# skip_near_duplicates: kept images of earlier chunks that a better look-alike replaces, completed ->
-# skipped, with the counters in the same statement (the replacing image completes in the same
-# transaction, so `processed_images` never goes down between two commits).
-DEMOTE_NEAR_DUPLICATES = text(
+# Duplicates, decided when training has ended from every worker's results (imagetraining/duplicates.py
+# `resolve`): the labels that changed, with the counters moved between processed and skipped in the
+# same statement. Run by the owner just before FINISH, in the same transaction.
+APPLY_DUPLICATE_LABELS = text(
     """
     WITH r AS (
-        SELECT * FROM unnest(CAST(:asset_ids AS bigint[]), CAST(:near_of AS bigint[]),
-                             CAST(:distances AS smallint[])) AS t(asset_id, near_of, distance)
+        SELECT * FROM unnest(CAST(:job_ids AS bigint[]), CAST(:states AS text[]), CAST(:skip_reasons AS text[]),
+                             CAST(:duplicate_of AS bigint[]), CAST(:near_of AS bigint[]),
+                             CAST(:near_distances AS smallint[]))
+                 AS t(job_id, state, skip_reason, duplicate_of, near_of, near_distance)
+    ),
+    old AS (
+        SELECT j.id, j.state FROM training_jobs j JOIN r ON r.job_id = j.id
+         WHERE j.session_id = :id AND j.state IN ('completed', 'skipped')
+           FOR UPDATE OF j
     ),
     done AS (
         UPDATE training_jobs j
-           SET state = 'skipped', skip_reason = 'near_duplicate', near_duplicate_of_asset_id = r.near_of,
-               near_duplicate_distance = r.distance, update_time = now()
-          FROM r
-         WHERE j.session_id = :id AND j.asset_id = r.asset_id AND j.state = 'completed'
-        RETURNING j.id
-    ),
-    repointed AS (  -- images skipped in favour of a replaced one now name the image kept instead
-        UPDATE training_jobs j
-           SET near_duplicate_of_asset_id = r.near_of,
-               near_duplicate_distance = bit_count(CAST('x' || a.perceptual_hash AS bit(64))
-                                                   # CAST('x' || k.perceptual_hash AS bit(64))),
+           SET state = r.state, skip_reason = r.skip_reason, duplicate_of_asset_id = r.duplicate_of,
+               near_duplicate_of_asset_id = r.near_of, near_duplicate_distance = r.near_distance,
                update_time = now()
-          FROM r, image_assets a, image_assets k
-         WHERE j.session_id = :id AND j.state = 'skipped' AND j.skip_reason = 'near_duplicate'
-           AND j.near_duplicate_of_asset_id = r.asset_id
-           AND a.id = j.asset_id AND k.id = r.near_of
-        RETURNING j.id
+          FROM r JOIN old ON old.id = r.job_id
+         WHERE j.id = r.job_id
+        RETURNING old.state AS was, j.state AS now
     )
     UPDATE training_sessions
-       SET processed_images = processed_images - (SELECT count(*) FROM done),
-           skipped_images = skipped_images + (SELECT count(*) FROM done)
+       SET processed_images = processed_images + (SELECT count(*) FILTER (WHERE now = 'completed')
+                                                         - count(*) FILTER (WHERE was = 'completed') FROM done),
+           skipped_images = skipped_images + (SELECT count(*) FILTER (WHERE now = 'skipped')
+                                                     - count(*) FILTER (WHERE was = 'skipped') FROM done)
      WHERE id = :id
     """
 )
 
-# running -> completed (or failed, when every image failed), once no job is pending.
+# running -> completed (or failed, when every image failed), once no job is pending or held in a chunk.
 FINISH = text(
     f"""
     WITH counts AS (
         SELECT count(*) AS total,
                count(*) FILTER (WHERE state = 'failed') AS failed,
-               count(*) FILTER (WHERE state = 'pending') AS pending
+               count(*) FILTER (WHERE state IN ('pending', 'running')) AS pending
           FROM training_jobs WHERE session_id = :id
     )
     UPDATE training_sessions

@@ -65,6 +65,9 @@ async def transition(db: Database, sid: int, t: transitions.Transition) -> bool:
     """A client transition with the control service's statement; False when the state did not allow it."""
     async with db.engine.begin() as conn:
         row = (await conn.execute(t.statement, t.params(sid))).first()
+        if row is not None:
+            for statement in t.also:
+                await conn.execute(statement, {"id": sid})
         await notify(conn, sid)
     return row is not None
 

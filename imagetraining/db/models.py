@@ -100,6 +100,8 @@ class TrainingSession(Base):
     skipped_images: Mapped[int] = mapped_column(BigInteger, server_default="0")
     # Seconds spent RUNNING (excluding pauses), for the rate and ETA.
     training_seconds: Mapped[float] = mapped_column(server_default="0")
+    # When training_seconds was last advanced (each chunk commit adds the wall-clock time since).
+    training_mark: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     # Lease / fencing (written by workers; see discovery_worker.claims).
     owner_id: Mapped[str | None] = mapped_column(String(200))
@@ -193,6 +195,12 @@ class TrainingJob(Base):
     near_duplicate_of_asset_id: Mapped[int | None] = mapped_column(BigInteger)
     near_duplicate_distance: Mapped[int | None] = mapped_column(SmallInteger)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # A `running` job belongs to the chunk holding this token until lease_expires_at (any worker may
+    # claim a chunk of a session it helps; imagetraining/transitions.py CLAIM_CHUNK).
+    lease_token: Mapped[str | None] = mapped_column(String(36))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The worker holding the job's chunk (running), or whose chunk wrote its outcome.
+    trained_by: Mapped[str | None] = mapped_column(String(200))
     create_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     update_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 

@@ -94,8 +94,9 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_PENDING: _JobState.ValueType  # 1
     """Waiting to be trained."""
     JOB_STATE_RUNNING: _JobState.ValueType  # 2
-    """Not set today: a job stays PENDING until its result is committed (a worker that dies loses
-    nothing but the uncommitted chunk). Reserved for jobs leased to a worker in chunks.
+    """Held by a worker in a leased chunk (any worker may train a running session's jobs). A worker
+    that dies loses nothing but its chunk: when the lease lapses the job is PENDING again; a pause
+    or cancel makes it PENDING at once.
     """
     JOB_STATE_COMPLETED: _JobState.ValueType  # 3
     """Trained."""
@@ -112,8 +113,9 @@ JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
 JOB_STATE_PENDING: JobState.ValueType  # 1
 """Waiting to be trained."""
 JOB_STATE_RUNNING: JobState.ValueType  # 2
-"""Not set today: a job stays PENDING until its result is committed (a worker that dies loses
-nothing but the uncommitted chunk). Reserved for jobs leased to a worker in chunks.
+"""Held by a worker in a leased chunk (any worker may train a running session's jobs). A worker
+that dies loses nothing but its chunk: when the lease lapses the job is PENDING again; a pause
+or cancel makes it PENDING at once.
 """
 JOB_STATE_COMPLETED: JobState.ValueType  # 3
 """Trained."""
@@ -181,15 +183,18 @@ class SessionConfig(_message.Message):
     near_duplicate_distance: _builtins.int
     """Near duplicates: two images whose 64-bit dHashes differ in at most this many bits look alike
     (a resized, re-encoded or lightly edited copy). Each such image is still trained; its job
-    names the earlier look-alike (`Job.near_duplicate_of`, `near_duplicate_distance`). Absent means
-    4; allowed 0..8 (0: equal hashes only). Exact duplicates (identical bytes) are always skipped.
+    names its closest look-alike with a lower asset id (`Job.near_duplicate_of`,
+    `near_duplicate_distance`). Absent means 4; allowed 0..8 (0: equal hashes only). Exact
+    duplicates (identical bytes) are always skipped. Duplicates are decided when training ends,
+    from every worker's results, so the same library gives the same answer whatever the number of
+    workers: until then a duplicate counts as processed.
     """
     skip_near_duplicates: _builtins.bool
-    """Train only the best of near duplicates: the most pixels, then the largest file, then the first
-    path, whatever order the walk or the pool finds them in. The others end SKIPPED with
-    skip_reason "near_duplicate" and `near_duplicate_of` naming the kept one; a kept image that a
-    better look-alike replaces later in the run goes from COMPLETED to SKIPPED (processed_images
-    then never drops: the replacing image completes in the same transaction). Default false.
+    """Keep only the best of near duplicates: the most pixels, then the largest file, then the first
+    path, whatever order the walk or the workers find them in. When training ends, the others go
+    from COMPLETED to SKIPPED with skip_reason "near_duplicate" and `near_duplicate_of` naming the
+    kept one (processed_images goes down and skipped_images up by as many, in the transaction that
+    completes the session). Default false.
     """
     @_builtins.property
     def extensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -510,9 +515,10 @@ class Job(_message.Message):
     duplicate_of: _builtins.str
     """For SKIPPED "exact_duplicate": the path of the copy that was kept and trained."""
     near_duplicate_of: _builtins.str
-    """A near duplicate (trained all the same): the path of the earlier image of the session whose
-    dHash is within the session's `near_duplicate_distance` of this one's, and how many bits
-    apart they are (0: equal hashes of different bytes). Empty / 0 when there is none.
+    """A near duplicate (trained all the same): the path of the image of the session with a lower
+    asset id whose dHash is closest to this one's within the session's `near_duplicate_distance`,
+    and how many bits apart they are (0: equal hashes of different bytes). Empty / 0 when there is
+    none, and until the session's training has ended.
     """
     near_duplicate_distance: _builtins.int
     @_builtins.property

@@ -279,3 +279,67 @@ async def test_control_memory_with_200_subscribers_stays_bounded(
         with contextlib.suppress(ProcessLookupError):
             control.kill()
     assert re.search(r"listening on", control.log_path.read_text())
+
+
+@pytest.mark.slow
+async def test_two_control_services_a_subscriber_moves_from_one_to_the_other(
+    clean_db: Database,
+    db_url: str,
+    library: Path,
+    tmp_path: Path,
+    processes: list[ws.WorkerProcess | ControlProcess],
+) -> None:
+    """Two control processes on one database, three workers on one session: a subscriber reads from
+    the first control service, then resumes on the second with after_sequence: nothing missed or
+    repeated, and the end carries the true counters."""
+    subdirs = photos(library, folders=6, per_folder=100)
+    for i in range(3):
+        env = ws.worker_env(
+            db_url,
+            library,
+            HOME=str(tmp_path / f"w{i}"),
+            IMAGETRAINING_TRAINER="tests.trainers:PacedTrainer",
+            IMAGETRAINING_DATA_DIR=str(tmp_path / f"w{i}" / "data"),
+            IMAGETRAINING_WORKER_ID=f"worker-{i}",
+        )
+        processes.append(ws.WorkerProcess(env, tmp_path / f"worker{i}.log"))
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    for i, address in enumerate(addresses):
+        env = subprocess_env(db_url, library, IMAGETRAINING_CONTROL_ADDRESS=address, IMAGETRAINING_GRACE_SECONDS="1")
+        control = ControlProcess(env, tmp_path / f"control{i}.log")
+        processes.append(control)
+        await control.serving(address)
+
+    events: list[pb.SessionEvent] = []
+    async with grpc.aio.insecure_channel(addresses[0]) as channel:
+        stub = api_grpc.TrainingSessionServiceStub(channel)
+        name = (
+            await stub.CreateSession(api.CreateSessionRequest(root_path=str(library), subdirectories=subdirs))
+        ).session.name
+        await stub.StartSession(api.StartSessionRequest(name=name))
+        call = stub.WatchSession(api.WatchSessionRequest(name=name))
+        while (response := await call.read()) is not grpc.aio.EOF:
+            events.append(response.event)
+            if response.event.state == pb.SESSION_STATE_RUNNING and response.event.training.processed_images >= 50:
+                break
+        call.cancel()
+    last = events[-1].sequence
+    async with grpc.aio.insecure_channel(addresses[1]) as channel:
+        stub = api_grpc.TrainingSessionServiceStub(channel)
+        resumed = [r.event async for r in stub.WatchSession(api.WatchSessionRequest(name=name, after_sequence=last))]
+        final = (await stub.GetSession(api.GetSessionRequest(name=name))).session
+    assert resumed and resumed[0].sequence > last
+    assert_consistent(events + resumed)
+    assert resumed[-1].state == pb.SESSION_STATE_COMPLETED
+    assert resumed[-1].training.processed_images == final.progress.processed_images == 600
+    assert resumed[-1].training.total_images == 600
+    sid = int(name.split("/")[1])
+    async with clean_db.engine.connect() as conn:
+        from sqlalchemy import text
+
+        trainers = (
+            await conn.execute(
+                text("SELECT count(DISTINCT trained_by) FROM training_jobs WHERE session_id = :id"), {"id": sid}
+            )
+        ).scalar_one()
+    assert trainers >= 2  # helpers trained chunks too

@@ -322,3 +322,44 @@ async def test_pause_with_three_workers_stops_every_chunk_and_resume_finishes_ex
         EXACT_COPIES,
         0,
     )
+
+
+@pytest.mark.slow
+async def test_a_small_session_started_later_is_not_starved_by_a_huge_one(
+    clean_db: Database, db_url: str, two_libraries: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Two workers owning one session each at most: both train the huge session until a small one is
+    started; the small one is claimed and finished while the huge one still runs."""
+    one, three = two_libraries
+    base = one.parent
+    huge = await ws.start_session(clean_db, three, [three])
+    workers = [
+        ws.WorkerProcess(
+            _env(
+                db_url,
+                base,
+                tmp_path / f"w{i}",
+                IMAGETRAINING_WORKER_ID=f"worker-{i}",
+                IMAGETRAINING_MAX_SESSIONS_PER_WORKER="1",
+            ),
+            tmp_path / f"w{i}.log",
+        )
+        for i in range(2)
+    ]
+    try:
+
+        async def both_train_the_huge_one() -> bool:
+            shares = await _shares(clean_db, huge)
+            return len(shares) == 2
+
+        await wait_for(both_train_the_huge_one, timeout=120, what="both workers to train the huge session")
+        small = await ws.start_session(clean_db, one, [one / "d01"])
+        row = await _finished(clean_db, small, 60)
+        assert row["state"] == "completed" and row["processed_images"] == 200
+        assert (await ws.session(clean_db, huge))["state"] == "running"
+        await _finished(clean_db, huge, 180)
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            await w.exited(15)

@@ -18,7 +18,7 @@ from google.protobuf import message_factory
 
 from control_service.relay import Relay, Snapshot, SnapshotLoader
 from control_service.servicer import Admission, Encoder, EventSource, TrainingSessionServicer, watch_response
-from control_service.sessions import Sessions
+from control_service.sessions import SessionUseCases
 from imagetraining.db.engine import Database, resolve_url
 from imagetraining.notifications import listen_forever
 from imagetraining.rpc import ServerHandle, channel_credentials, start_server
@@ -42,7 +42,7 @@ class ControlServer:
 
     handle: ServerHandle
     db: Database
-    sessions: Sessions
+    sessions: SessionUseCases
     owns_db: bool
     relay: Relay | None = None
     listener: asyncio.Task[None] | None = None
@@ -83,7 +83,7 @@ async def serve(
     embedders decide. Without `database`, one is connected from the settings (embedded if unset).
     """
     db = database or Database.connect(await resolve_url(settings))
-    sessions = Sessions(db, settings)
+    sessions = SessionUseCases(db, settings)
     relay: Relay | None = None
     encode: Encoder = watch_response
     admit: Admission | None = None
@@ -174,7 +174,7 @@ def add_servicer(servicer: TrainingSessionServicer, server: grpc.aio.Server) -> 
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
-def _snapshot_loader(sessions: Sessions) -> SnapshotLoader:
+def _snapshot_loader(sessions: SessionUseCases) -> SnapshotLoader:
     async def load(session_id: int) -> Snapshot:
         session, sequence = await sessions.get_with_sequence(session_id)
         return Snapshot(session=session, event_sequence=sequence)

@@ -15,7 +15,7 @@ from typing import Any
 from control_service.inputs import validate_config
 from control_service.pages import job_state_filter, session_state_filter
 from control_service.refusals import request_deadline
-from control_service.sessions import Sessions
+from control_service.sessions import SessionUseCases
 from imagetraining import convert
 from imagetraining.errors import Unimplemented
 from imagetraining.names import parse_session_name
@@ -62,7 +62,7 @@ def _bounded(context: Any) -> None:
 class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
     def __init__(
         self,
-        sessions: Sessions,
+        sessions: SessionUseCases,
         watcher: EventSource | None = None,
         *,
         write_timeout: float = 30.0,

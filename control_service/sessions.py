@@ -101,8 +101,9 @@ class Progress:
 # --------------------------------------------------------------------------------------------------
 
 
-class Sessions:
-    """Use cases of TrainingSessionService over one database and the configured library roots."""
+class SessionUseCases:
+    """Use cases of TrainingSessionService over one database and the configured library roots (the
+    servicer translates protobuf to these calls; "Sessions" alone would also name the domain objects)."""
 
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from imagetraining.settings import Settings
 
@@ -81,11 +81,14 @@ async def resolve_url(settings: Settings) -> str:
 
 @dataclass
 class Database:
-    """An async engine and session factory plus the plain URL (for raw asyncpg LISTEN connections)."""
+    """The async engines (writes; autocommit reads) plus the plain URL (for raw asyncpg LISTEN connections).
+
+    Statements are SQL text (`imagetraining.transitions` and the modules' own reads), so there is
+    no ORM session factory: "session" in this code base means a training session.
+    """
 
     url: str
     engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
     # Autocommit connections for read-only requests (GetSession, ListJobs...): no BEGIN and no
     # ROLLBACK around the SELECTs, and SQLAlchemy's pre-ping is one round trip (";") instead of three
     # (it wraps its ping in BEGIN/ROLLBACK on transactional connections). GetSession went from seven
@@ -154,7 +157,6 @@ class Database:
         return cls(
             url=to_libpq_url(url),
             engine=engine,
-            sessions=async_sessionmaker(engine, expire_on_commit=False),
             reads=reads,
         )
 

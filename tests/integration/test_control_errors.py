@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from control_service.inputs import MAX_SUBDIRECTORIES_PER_SESSION
 from control_service.server import serve
-from control_service.sessions import Sessions
+from control_service.sessions import SessionUseCases
 from imagetraining.db.engine import Database
 from imagetraining.settings import Settings
 from imagetraining.v1 import resources_pb2 as pb
@@ -109,10 +109,10 @@ async def test_database_down_is_unavailable(
 async def test_an_unexpected_exception_is_internal_without_a_stack_trace(
     control: Control, library: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(self: Sessions, session_id: int) -> pb.Session:
+    async def broken(self: SessionUseCases, session_id: int) -> pb.Session:
         raise RuntimeError("secret detail of a bug")
 
-    monkeypatch.setattr(Sessions, "get", broken)
+    monkeypatch.setattr(SessionUseCases, "get", broken)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await control.stub.GetSession(api.GetSessionRequest(name="sessions/1"))
     d = details(info.value)

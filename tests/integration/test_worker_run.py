@@ -103,9 +103,9 @@ async def test_thumbnails_are_near_duplicates_and_trained_exact_copies_are_skipp
         assert 0 <= jobs[name]["near_duplicate_distance"] <= 4
 
     # ListJobs says which is which, with paths.
-    from control_service.sessions import Sessions
+    from control_service.sessions import SessionUseCases
 
-    listed, _token = await Sessions(clean_db, worker.settings).list_jobs(sid, 100, "", None)
+    listed, _token = await SessionUseCases(clean_db, worker.settings).list_jobs(sid, 100, "", None)
     by_name = {Path(j.path).name: j for j in listed}
     assert by_name["zz-copy-of-original.jpg"].skip_reason == "exact_duplicate"
     assert by_name["zz-copy-of-original.jpg"].duplicate_of == str(original)

@@ -10,9 +10,10 @@ every figure (with the per-repeat samples and the machine) as JSON. Nothing is a
     python -m benchmarks --cases 1,3 --repeat 5 --json /tmp/out.json --database-url postgresql://...
 
 Cases: 1 StartSession latency, 2 GetSession under load, 3 discovery throughput, 4 rescan,
-5 training throughput, 6 progress delivery, 7 end to end. The database: --database-url, else
-DATABASE_URL, else postgresql://postgres@127.0.0.1:5432/postgres when reachable, else the embedded
-pgserver; a database `imagetraining_bench_<pid>` is created on it and dropped at the end.
+5 training throughput, 6 progress delivery, 7 end to end, 8 one session over many workers. The
+database: --database-url, else DATABASE_URL, else postgresql://postgres@127.0.0.1:5432/postgres when
+reachable, else the embedded pgserver; a database `imagetraining_bench_<pid>` is created on it and
+dropped at the end (case 8 makes a second one, in turn, for its own workers).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import cases as c  # noqa: E402
 from benchmarks import harness as h  # noqa: E402
-from benchmarks import hashing_bench  # noqa: E402
+from benchmarks import hashing_bench, many_workers  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "latest.json"
 
@@ -39,7 +40,7 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "latest.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and 2 repeats (CI smoke run)")
-    parser.add_argument("--cases", default="1,2,3,4,5,6,7", help="comma-separated case numbers (default: all)")
+    parser.add_argument("--cases", default="1,2,3,4,5,6,7,8", help="comma-separated case numbers (default: all)")
     parser.add_argument("--repeat", type=int, default=None, help="repeats per case (default 2 quick, 3 full)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the figures ({DEFAULT_JSON})")
     parser.add_argument("--database-url", default=None, help="PostgreSQL server to create the benchmark database on")
@@ -67,7 +68,7 @@ async def main(args: argparse.Namespace) -> int:
             f"{mode} run: cases {sorted(selected)}, {sizes.repeats} repeats; {info['usable_cores']} cores, "
             f"{info['memory_gib']} GiB; PostgreSQL {info['postgresql']} ({source}); data in {scratch}"
         )
-        service_cases = selected & {1, 2, 3, 4, 6, 7}
+        service_cases = selected & {1, 2, 3, 4, 6, 7, 8}
         if service_cases:
             t0 = time.perf_counter()
             blobs = h.tiny_jpegs()
@@ -91,6 +92,20 @@ async def main(args: argparse.Namespace) -> int:
             h.log("case 5: training throughput")
             n12, n2 = (2, 4) if args.quick else (6, 12)
             rows += await hashing_bench.run_case(n12, n2, sizes.repeats, scratch)
+        if 8 in selected:
+            h.log("case 8: one session over many workers (12 MP JPEGs, pools of 1)")
+            case8, raw["case8"] = await many_workers.run_case(
+                40 if args.quick else 200,
+                sizes.repeats,
+                scratch,
+                server,
+                timeout=sizes.e2e_timeout,
+                synthetic_jobs=2_000 if args.quick else 20_000,
+            )
+            # Its main figures first, then the end-to-end rows the service cases added.
+            rows = (
+                [r for r in rows if not r.case.startswith("8 ")] + case8 + [r for r in rows if r.case.startswith("8 ")]
+            )
     rows.sort(key=lambda r: r.case.split()[0])
     elapsed = time.perf_counter() - started
     command = "python -m benchmarks" + (" --quick" if args.quick else "")

@@ -1,4 +1,4 @@
-"""The cases of issue #5 that run the real services (1, 2, 3, 4, 6, 7) and their same-run baselines.
+"""The cases of issue #5 that run the real services (1, 2, 3, 4, 6, 7, 8) and their same-run baselines.
 
 Topology: the benchmark process is only a client (and reads rows). The control service and the
 discovery worker run as real processes (`python -m control_service`, `python -m discovery_worker`),
@@ -22,7 +22,7 @@ import grpc
 import psutil
 
 from benchmarks import harness as h
-from benchmarks import seed
+from benchmarks import many_workers, seed
 from imagetraining.v1 import resources_pb2 as pb
 from imagetraining.v1 import training_session_service_pb2 as api
 from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
@@ -578,6 +578,87 @@ async def case6_delivery(ctx: Context, stub: api_grpc.TrainingSessionServiceStub
         ]
 
 
+# ---------------------------------------------------------------- case 8 (end to end, 1 and 2 workers)
+
+
+async def case8_end_to_end_workers(ctx: Context, stub: api_grpc.TrainingSessionServiceStub) -> None:
+    """Case 7's session (the big library of tiny JPEGs) with the suite's worker alone, then with a second
+    worker started beside it (same settings); the order alternates between repeats. The rest of case
+    8 (12 MP images, pools of 1, the chunk statements) is benchmarks/many_workers.py."""
+    s = ctx.sizes
+    totals: dict[int, list[float]] = {1: [], 2: []}
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    helper: list[float] = []
+    runs: list[dict[str, Any]] = []
+    services: list[h.Service] = []
+    first = ctx.cluster.worker
+    seen = len(first.problems()) if first is not None else 0  # the first worker's earlier cases' lines
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(ctx.cluster.stop_extra_workers)
+        for r in range(s.repeats):
+            for workers in (1, 2) if r % 2 == 0 else (2, 1):
+                await h.reset_sessions(ctx.url)
+                if workers == 2:
+                    services.append(await ctx.cluster.start_worker())
+                running = [w for w in (ctx.cluster.worker, *ctx.cluster.extra_workers) if w is not None]
+                run = await many_workers.train_once(
+                    stub, ctx.url, ctx.big, f"c8-e2e-{workers}w-{r}", running, s.e2e_timeout
+                )
+                total = float(run.extra["wall_seconds"])
+                if workers == 2:
+                    await ctx.cluster.stop_extra_workers()
+                    helper.append(run.helper_share)
+                totals[workers].append(total)
+                runs.append(run.__dict__)
+                rates[workers].append(run.rate)
+                h.log(
+                    f"case 8 end to end repeat {r + 1}, {workers} worker(s): {total:.1f}s "
+                    f"(discovery {run.extra['discovery_seconds']:.2f}s); {many_workers.describe(run, chunks=False)}"
+                )
+    problems = [f"{first.log_path.name}: {line}" for line in first.problems()[seen:]] if first is not None else []
+    problems += [f"{svc.log_path.name}: {line}" for svc in services for line in svc.problems()]
+    for line in problems[:20]:
+        h.log(f"case 8 end to end, worker log: {line}")
+    ctx.raw["case8_end_to_end"] = {
+        "totals": totals,
+        "rates": rates,
+        "helper_share": helper,
+        "runs": runs,
+        "problems": problems,
+    }
+    n = f"{ctx.big.files:,} tiny files (case 7)"
+    t1, t2 = h.median(totals[1]), h.median(totals[2])
+    q1, q2 = h.median(rates[1]), h.median(rates[2])
+    ctx.rows += [
+        h.Row(many_workers.CASE, f"end to end, {n}, 1 worker", t1, "s", totals[1]),
+        h.Row(
+            many_workers.CASE,
+            f"end to end, {n}, 2 workers",
+            t2,
+            "s",
+            totals[2],
+            baseline="1 worker",
+            baseline_value=t1,
+            ratio=t1 / t2,
+            ratio_kind="faster",
+            note="StartSession to completed; the suite's worker settings (IMAGETRAINING_POOL_SIZE=0: a pool "
+            "process per core) for both workers",
+        ),
+        h.Row(many_workers.CASE, "  training phase, 1 worker", q1, "img/s", rates[1]),
+        h.Row(
+            many_workers.CASE,
+            "  training phase, 2 workers",
+            q2,
+            "img/s",
+            rates[2],
+            baseline="1 worker",
+            baseline_value=q1,
+            ratio=q2 / q1,
+            note=f"images written by the helper: {', '.join(f'{x:.0f}%' for x in helper)} (one per repeat)",
+        ),
+    ]
+
+
 # ---------------------------------------------------------------- orchestration
 
 
@@ -591,7 +672,7 @@ async def run(ctx: Context, cases: set[int]) -> None:
             if 1 in cases:
                 h.log("case 1: StartSession latency")
                 await case1_start_latency(ctx, stub)
-            if cases & {2, 3, 4, 6, 7}:
+            if cases & {2, 3, 4, 6, 7, 8}:
                 await cluster.start_worker()
             if 3 in cases:
                 h.log("case 3: discovery throughput")
@@ -605,5 +686,8 @@ async def run(ctx: Context, cases: set[int]) -> None:
             if 6 in cases:
                 h.log("case 6: progress delivery")
                 await case6_delivery(ctx, stub)
+            if 8 in cases:
+                h.log("case 8: end to end of case 7's library with 1 and 2 workers")
+                await case8_end_to_end_workers(ctx, stub)
     finally:
         await cluster.stop()

@@ -250,6 +250,15 @@ class Service:
     def tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
 
+    def problems(self) -> list[str]:
+        """The log's warnings, errors and tracebacks (a benchmark reports them; it asserts nothing)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        words = ("WARNING", "ERROR", "CRITICAL", "Traceback")
+        return [line for line in lines if any(w in line for w in words)]
+
     async def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -290,7 +299,11 @@ async def serving(address: str, service: Service) -> None:
 
 
 class Cluster:
-    """The control service and (on demand) one discovery worker, as real processes on one database."""
+    """The control service and (on demand) discovery workers, as real processes on one database.
+
+    `worker` is the first worker; `start_worker` again starts more (case 8: one session over many
+    workers), each with its own log and any extra environment (IMAGETRAINING_WORKER_ID, ...).
+    """
 
     def __init__(self, db_url: str, roots: Sequence[Path], scratch: Path, *, worker_env: dict[str, str]) -> None:
         self.db_url = db_url
@@ -299,6 +312,7 @@ class Cluster:
         self.worker_extra = worker_env
         self.control: Service | None = None
         self.worker: Service | None = None
+        self.extra_workers: list[Service] = []
         self.address = ""
         self._runs = 0
 
@@ -316,7 +330,8 @@ class Cluster:
         await serving(self.address, self.control)
         return self.address
 
-    async def start_worker(self) -> None:
+    async def start_worker(self, **extra: str) -> Service:
+        """The first worker (`self.worker`), or one more (`self.extra_workers`) when one runs already."""
         self._runs += 1
         address = f"127.0.0.1:{free_port()}"
         env = self.env(
@@ -325,12 +340,22 @@ class Cluster:
             IMAGETRAINING_HEARTBEAT_SECONDS="0.5",
             IMAGETRAINING_LEASE_SECONDS="5",
             IMAGETRAINING_BATCH_SIZE="2000",
-            **self.worker_extra,
+            **{**self.worker_extra, **extra},
         )
-        self.worker = Service("discovery_worker", env, self.scratch / f"worker{self._runs}.log")
-        await serving(address, self.worker)  # pool started, claim loop running
+        service = Service("discovery_worker", env, self.scratch / f"worker{self._runs}.log")
+        if self.worker is None:
+            self.worker = service
+        else:
+            self.extra_workers.append(service)
+        await serving(address, service)  # pool started, claim loop running
+        return service
+
+    async def stop_extra_workers(self) -> None:
+        while self.extra_workers:
+            await self.extra_workers.pop().stop()
 
     async def stop_worker(self) -> None:
+        await self.stop_extra_workers()
         if self.worker is not None:
             await self.worker.stop()
             self.worker = None

@@ -65,7 +65,9 @@ async def test_an_unreachable_owner_is_reported_and_subscribers_get_progress_fro
     assert all(a.sequence < b.sequence for a, b in itertools.pairwise(events))
     # Progress kept coming while training although no worker stream could be relayed.
     during = {e.training.processed_images for e in events if e.state == pb.SESSION_STATE_RUNNING}
-    assert len(during - {0, 600}) >= 3, sorted(during)
+    # (Two or more: a training chunk grows to about a quarter second of the pool's work, so on a fast
+    # run the 600 images are a handful of commits.)
+    assert len(during - {0, 600}) >= 2, sorted(during)
     last = events[-1]
     assert last.state == pb.SESSION_STATE_COMPLETED
     assert (last.training.processed_images, last.training.total_images) == (row["processed_images"], 600)

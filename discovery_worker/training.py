@@ -194,7 +194,6 @@ class TrainingRun:
         self._nested: list[int] = []
         self._anchors = Anchors()
         self._held: dict[str, Chunk] = {}  # chunks in flight, by token
-        self._last_evaluated = 0.0  # when the previous chunk's evaluation came back
         self.images_written = 0  # images this run committed (completed or failed)
 
     async def _prepare(self) -> None:
@@ -276,13 +275,8 @@ class TrainingRun:
         started = time.monotonic()
         for job_id, result in await self.pool.process(todo):
             results[job_id] = result
-        now = time.monotonic()
-        # Two chunks share the pool: time since the previous chunk came back is this chunk's own work,
-        # time since it was submitted would include waiting behind the other (and halve the rate).
-        elapsed = now - max(started, self._last_evaluated)
-        self._last_evaluated = now
         if todo:
-            per_second = len(todo) / max(elapsed, 1e-3)
+            per_second = len(todo) / max(time.monotonic() - started, 1e-3)
             smallest = max(4, self.pool.size * IMAGES_PER_PROCESS)
             self.chunk_size = int(min(MAX_CHUNK, max(smallest, per_second * CHUNK_SECONDS)))
         return results

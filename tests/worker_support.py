@@ -178,15 +178,17 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path, *, prefix: Sequence[str] = ()) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in exited()/kill()
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "discovery_worker"],
-            env={**env, "PYTHONDONTWRITEBYTECODE": "1"},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd="/",
-        )
+        # The child keeps its own copy of the log's descriptor; ours is closed at once, so no test can
+        # leak it (a ResourceWarning, an error under filterwarnings = error).
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*prefix, sys.executable, "-m", "discovery_worker"],
+                env={**env, "PYTHONDONTWRITEBYTECODE": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+            )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -201,7 +203,6 @@ class WorkerProcess:
             await wait_for(gone, timeout=timeout, what="the worker process to exit")
         except AssertionError:
             raise AssertionError(f"worker did not exit; log:\n{self.log()[-3000:]}") from None
-        self._log.close()
         return int(self.proc.returncode)
 
     def terminate(self) -> None:
@@ -212,7 +213,6 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        self._log.close()
 
 
 def worker_env(db_url: str, library: Path, **extra: str) -> dict[str, str]:

@@ -134,12 +134,12 @@ def grpcurl_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 async def control(
-    db_url: str, grpcurl_library: Path, tmp_path_factory: pytest.TempPathFactory
+    module_db_url: str, grpcurl_library: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Service]:
     if not _has_main("control_service"):
         pytest.skip("control_service/__main__.py does not exist yet")
     address = f"127.0.0.1:{free_port()}"
-    env = subprocess_env(db_url, grpcurl_library, IMAGETRAINING_CONTROL_ADDRESS=address)
+    env = subprocess_env(module_db_url, grpcurl_library, IMAGETRAINING_CONTROL_ADDRESS=address)
     log = tmp_path_factory.mktemp("control") / "control.log"
     service = await start_service("control_service", env, address, log)
     yield service
@@ -226,10 +226,10 @@ async def test_start_without_selection_says_what_to_do(control: Service, grpcurl
 
 @pytest.mark.skipif(not _has_main("discovery_worker"), reason="discovery_worker/__main__.py does not exist yet")
 async def test_worker_lists_its_service_by_reflection(
-    db_url: str, grpcurl_library: Path, tmp_path: Path, control: Service
+    module_db_url: str, grpcurl_library: Path, tmp_path: Path, control: Service
 ) -> None:
     address = f"127.0.0.1:{free_port()}"
-    env = subprocess_env(db_url, grpcurl_library, IMAGETRAINING_WORKER_ADDRESS=address)
+    env = subprocess_env(module_db_url, grpcurl_library, IMAGETRAINING_WORKER_ADDRESS=address)
     worker = await start_service("discovery_worker", env, address, tmp_path / "worker.log")
     try:
         listed = await grpcurl(address, "list")

@@ -40,16 +40,32 @@ async def test_reads_run_each_statement_on_its_own(database: Database) -> None:
     assert second == first
 
 
-async def test_clean_db_empties_every_table(clean_db: Database) -> None:
-    """The per-test TRUNCATE covers every table the migrations made (it once missed
-    directory_fingerprints, so a test could see another's rows)."""
-    from tests.conftest import TABLES
+async def test_a_test_may_leave_rows_behind(clean_db: Database) -> None:
+    """Writes a row to every table; the next test must not see any of them."""
+    async with clean_db.engine.begin() as conn:
+        sid = (
+            await conn.execute(
+                text("INSERT INTO training_sessions (display_name, root_path) VALUES ('left', '/left') RETURNING id")
+            )
+        ).scalar_one()
+        await conn.execute(
+            text("INSERT INTO directory_fingerprints (session_id, path, digest) VALUES (:s, '/left/behind', 'x')"),
+            {"s": sid},
+        )
 
+
+async def test_each_test_gets_an_empty_migrated_database_of_its_own(clean_db: Database, db_url: str) -> None:
+    """Each test's database is a fresh clone of the migrated template (it once was one database emptied
+    by a TRUNCATE of a hand-kept table list, which missed directory_fingerprints)."""
     async with clean_db.reads.connect() as conn:
-        live = {
+        tables = [
             r[0]
             for r in await conn.execute(
                 text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
             )
-        }
-    assert live == set(TABLES)
+        ]
+        counts = {t: (await conn.execute(text(f'SELECT count(*) FROM "{t}"'))).scalar_one() for t in tables}
+        name = (await conn.execute(text("SELECT current_database()"))).scalar_one()
+    assert set(tables) == set(Base.metadata.tables)
+    assert counts == dict.fromkeys(tables, 0)
+    assert db_url.rsplit("/", 1)[-1].startswith(name) and name.startswith("imagetraining_test_")

@@ -118,22 +118,14 @@ class Child:
 
 
 async def _health_status(address: str, settings: Settings, timeout: float) -> str:
-    """The grpc.health.v1 status of the whole server at `address`, or why there is none."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    """The grpc.health.v1 status of the whole server at `address`, or why there is none.
 
-    from imagetraining.rpc import channel_credentials
+    The check of compose's healthchecks (imagetraining.healthcheck): TLS, the certificate's name
+    and the auth token as the services' settings say.
+    """
+    from imagetraining.healthcheck import check
 
-    creds = channel_credentials(settings)
-    channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
-    try:
-        stub = health_pb2_grpc.HealthStub(channel)
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-    except grpc.aio.AioRpcError as err:
-        return str(err.code().name)
-    finally:
-        await channel.close()
+    return (await check(address, settings, timeout=timeout)).status
 
 
 async def wait_until_serving(children: Sequence[Child], settings: Settings, deadline: float) -> bool:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,14 +28,21 @@ SHARED_ENV = (
 )
 
 
-@pytest.fixture(scope="module")
-def config() -> dict[str, Any]:
+def _compose() -> str:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose is not installed (as root, `make tools` installs Debian's package)")
+    return exe
+
+
+def _render(*extra_files: Path, env_extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """compose.yaml (and any override files after it) as `docker-compose config` understands it."""
+    exe = _compose()
     env = {k: v for k, v in os.environ.items() if k not in ("LIBRARY_DIR", "IMAGETRAINING_AUTH_TOKEN")}
+    env.update(env_extra or {})
+    files = [arg for f in (ROOT / "compose.yaml", *extra_files) for arg in ("-f", str(f))]
     out = subprocess.run(
-        [exe, "-f", str(ROOT / "compose.yaml"), "config"],
+        [exe, *files, "config"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -44,10 +51,15 @@ def config() -> dict[str, Any]:
         check=False,
     )
     assert out.returncode == 0, f"docker-compose config rejected compose.yaml:\n{out.stderr}"
-    return _to_json(exe, out.stdout, env)
+    return _to_json(exe, out.stdout, env, files)
 
 
-def _to_json(exe: str, yaml_text: str, env: dict[str, str]) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    return _render()
+
+
+def _to_json(exe: str, yaml_text: str, env: dict[str, str], files: list[str]) -> dict[str, Any]:
     """Turn `config`'s YAML into a dict with compose's own YAML library.
 
     PyYAML is not a dependency of this project, but Debian's docker-compose is a Python program
@@ -68,7 +80,7 @@ def _to_json(exe: str, yaml_text: str, env: dict[str, str]) -> dict[str, Any]:
         parsed: dict[str, Any] = json.loads(conv.stdout)
         return parsed
     conv = subprocess.run(
-        [exe, "-f", str(ROOT / "compose.yaml"), "config", "--format", "json"],
+        [exe, *files, "config", "--format", "json"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -93,7 +105,7 @@ def test_three_services(config: dict[str, Any]) -> None:
 
 def test_postgres_has_a_pg_isready_healthcheck_and_a_volume(config: dict[str, Any]) -> None:
     pg = _services(config)["postgres"]
-    assert re.match(r"postgres:15", pg["image"])
+    assert pg["image"] == "pgvector/pgvector:pg15"  # PostgreSQL 15 with pgvector (FindSimilarImages)
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
     sources = [v.get("source") if isinstance(v, dict) else str(v).split(":", 1)[0] for v in pg["volumes"]]
     assert "pgdata" in sources
@@ -104,7 +116,7 @@ def test_postgres_has_a_pg_isready_healthcheck_and_a_volume(config: dict[str, An
 def test_services_wait_for_a_healthy_postgres(config: dict[str, Any], name: str) -> None:
     service = _services(config)[name]
     assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert "grpc_health" in " ".join(service["healthcheck"]["test"])
+    assert "imagetraining.healthcheck" in service["healthcheck"]["test"]
 
 
 def test_services_share_the_same_settings(config: dict[str, Any]) -> None:
@@ -139,3 +151,67 @@ def test_workers_scale_and_advertise_their_own_address(config: dict[str, Any]) -
     assert "discovery_worker" in command
     control = _services(config)["control_service"]
     assert any("50051" in str(p) for p in control["ports"])
+
+
+# What an operator adds to turn TLS on without editing compose.yaml: the certificate files mounted
+# and the TLS settings in both services' environment (`docker compose -f compose.yaml -f tls.yaml`).
+TLS_OVERRIDE = """
+services:
+  control_service:
+    environment: &tls
+      IMAGETRAINING_TLS_CERT_FILE: ${IMAGETRAINING_TLS_CERT_FILE}
+      IMAGETRAINING_TLS_KEY_FILE: ${IMAGETRAINING_TLS_KEY_FILE}
+      IMAGETRAINING_TLS_CA_FILE: ${IMAGETRAINING_TLS_CA_FILE}
+    volumes: &certs
+      - ${TLS_DIR}:/tls:ro
+  discovery_worker:
+    environment: *tls
+    volumes: *certs
+"""
+TLS_ENV = {
+    "IMAGETRAINING_TLS_CERT_FILE": "/tls/server.pem",
+    "IMAGETRAINING_TLS_KEY_FILE": "/tls/server.key",
+    "IMAGETRAINING_TLS_CA_FILE": "/tls/ca.pem",
+    "IMAGETRAINING_AUTH_TOKEN": "s3cret-token",
+}
+HEALTHCHECKS = {
+    "control_service": ("IMAGETRAINING_CONTROL_ADDRESS", "imagetraining.v1.TrainingSessionService"),
+    "discovery_worker": ("IMAGETRAINING_WORKER_ADDRESS", "imagetraining.v1.DiscoveryWorkerService"),
+}
+
+
+def healthcheck_argv(service: dict[str, Any]) -> list[str]:
+    """A service's healthcheck command (exec form: the container's environment, no shell)."""
+    test = [str(part) for part in service["healthcheck"]["test"]]
+    assert test[0] == "CMD", f"the healthcheck runs without a shell, in the service's environment: {test}"
+    return test[1:]
+
+
+@pytest.mark.parametrize("name", sorted(HEALTHCHECKS))
+def test_healthchecks_use_the_module_on_the_service_port(config: dict[str, Any], name: str) -> None:
+    service = _services(config)[name]
+    argv = healthcheck_argv(service)
+    assert argv[:3] == ["python", "-m", "imagetraining.healthcheck"], argv
+    variable, grpc_service = HEALTHCHECKS[name]
+    listen_port = service["environment"][variable].rpartition(":")[2]
+    assert argv[3] == f"127.0.0.1:{listen_port}", argv
+    assert argv[argv.index("--service") + 1] == grpc_service
+
+
+@pytest.mark.parametrize("name", sorted(HEALTHCHECKS))
+def test_healthchecks_still_use_the_module_with_tls_on(tmp_path: Path, name: str) -> None:
+    override = tmp_path / "tls.yaml"
+    override.write_text(TLS_OVERRIDE)
+    tls = _render(override, env_extra={**TLS_ENV, "TLS_DIR": str(tmp_path)})
+    plain = _render()
+    service = _services(tls)[name]
+    environment = service["environment"]
+    # The healthcheck runs in the service's environment: it sees the TLS files and the token.
+    for variable, value in TLS_ENV.items():
+        assert environment[variable] == value, variable
+    assert any(":/tls" in str(v) or "'/tls'" in str(v) for v in service["volumes"]), service["volumes"]
+    argv = healthcheck_argv(service)
+    assert argv == healthcheck_argv(_services(plain)[name])
+    assert argv[:3] == ["python", "-m", "imagetraining.healthcheck"], argv
+    joined = " ".join(argv)
+    assert "insecure_channel" not in joined and "-plaintext" not in joined, argv

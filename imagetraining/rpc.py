@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import hmac
 import inspect
@@ -38,7 +39,7 @@ from imagetraining.errors import (
     Unavailable,
     internal_status,
 )
-from imagetraining.logs import request_id
+from imagetraining.logs import request_id, rpc_method, session_name
 from imagetraining.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -184,11 +185,15 @@ class _Call:
         with contextlib.suppress(Exception):
             given = next((str(v) for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), "")
         self.token = request_id.set(given[:64] if given.isprintable() and given else uuid.uuid4().hex[:12])
+        self.method_token = rpc_method.set(method)
+        self.session_token: contextvars.Token[str] | None = None
 
     def request(self, message: Any) -> None:
         name = getattr(message, "name", "")
         if isinstance(name, str) and name.startswith("sessions/"):
             self.session = name[:64]
+            # "sessions/19/jobs/7" is about session "sessions/19".
+            self.session_token = session_name.set("/".join(self.session.split("/", 2)[:2]))
 
     def failed(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         if isinstance(exc, asyncio.CancelledError):
@@ -208,8 +213,16 @@ class _Call:
         elapsed = (time.monotonic() - self.started) * 1000.0
         level = logging.DEBUG if self.method.startswith(OPEN_SERVICES) else logging.INFO
         sent = "" if self.messages is None else f", {self.messages} messages"
-        access_log.log(level, "%s %s %s %.1f ms%s", _short(self.method), self.session or "-", self.code, elapsed, sent)
+        # The code, duration and messages are keys of their own in the JSON format (imagetraining.logs).
+        fields: dict[str, Any] = {"code": self.code, "duration_ms": round(elapsed, 1)}
+        if self.messages is not None:
+            fields["messages"] = self.messages
+        args = (_short(self.method), self.session or "-", self.code, elapsed, sent)
+        access_log.log(level, "%s %s %s %.1f ms%s", *args, extra=fields)
         with contextlib.suppress(ValueError):  # a stream closed from another task: another context
+            if self.session_token is not None:
+                session_name.reset(self.session_token)
+            rpc_method.reset(self.method_token)
             request_id.reset(self.token)
 
 

@@ -38,6 +38,8 @@ class Settings:
     # The address the control service dials to reach this worker (defaults to worker_address).
     worker_advertise_address: str | None = None
     log_level: str = "INFO"
+    # "text" (readable lines) or "json" (one object per line: imagetraining.logs.JsonFormatter).
+    log_format: str = "text"
     # Limits of ScanDirectory / ValidateSession counting.
     scan_max_files: int = 200_000
     scan_max_seconds: float = 10.0
@@ -53,6 +55,8 @@ class Settings:
     # Train chunks of running sessions other workers own, with the capacity owned sessions leave.
     help_other_sessions: bool = True
     trainer: str = "discovery_worker.trainer:DefaultTrainer"
+    # Images per trainer batch; 0: the trainer's own batch_size.
+    train_batch_size: int = 0
     max_file_bytes: int = 100 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     # Streams.
@@ -93,6 +97,7 @@ class Settings:
             worker_address=p.address("IMAGETRAINING_WORKER_ADDRESS", "127.0.0.1:50052"),
             worker_advertise_address=p.optional_address("IMAGETRAINING_WORKER_ADVERTISE_ADDRESS"),
             log_level=p.choice("IMAGETRAINING_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            log_format=_log_format(p),
             scan_max_files=p.integer("IMAGETRAINING_SCAN_MAX_FILES", 200_000, 1, 10_000_000),
             scan_max_seconds=p.number("IMAGETRAINING_SCAN_MAX_SECONDS", 10.0, 0.1, 300.0),
             worker_id=env.get("IMAGETRAINING_WORKER_ID") or None,
@@ -105,6 +110,7 @@ class Settings:
             max_sessions_per_worker=p.integer("IMAGETRAINING_MAX_SESSIONS_PER_WORKER", 2, 1, 64),
             help_other_sessions=p.boolean("IMAGETRAINING_HELP_OTHER_SESSIONS", True),
             trainer=p.dotted("IMAGETRAINING_TRAINER", "discovery_worker.trainer:DefaultTrainer"),
+            train_batch_size=p.integer("IMAGETRAINING_TRAIN_BATCH_SIZE", 0, 0, 256),
             max_file_bytes=p.integer("IMAGETRAINING_MAX_FILE_BYTES", 100 * 1024 * 1024, 1, 1 << 40),
             max_image_pixels=p.integer("IMAGETRAINING_MAX_IMAGE_PIXELS", 100_000_000, 1, 1 << 40),
             max_subscribers=p.integer("IMAGETRAINING_MAX_SUBSCRIBERS", 2000, 1, 1_000_000),
@@ -331,22 +337,33 @@ def check_tls_files(settings: Settings) -> None:
             raise fail("IMAGETRAINING_TLS_CA_FILE", settings.tls_ca_file, "a PEM CA certificate", exc) from None
 
 
-def configure_logging(level: str) -> None:
+def _log_format(p: _Parser) -> str:
+    """IMAGETRAINING_LOG_FORMAT: "text" or "json", in any case."""
+    return p.choice("IMAGETRAINING_LOG_FORMAT", "TEXT", ("TEXT", "JSON")).lower()
+
+
+def configure_logging(level: str, log_format: str | None = None) -> None:
     """One line per record on stderr; the migration and embedded-server libraries only when they warn.
 
+    `log_format` "text" (readable) or "json" (one JSON object per line, imagetraining.logs.JsonFormatter);
+    None: IMAGETRAINING_LOG_FORMAT of this process's environment, parsed as Settings.from_env does.
     Alembic and pgserver log a dozen INFO lines at every start, which drowned the lines that say
     what the services did. At DEBUG everything shows.
     """
     import logging
     import sys
 
-    from imagetraining.logs import RequestIdFilter
+    from imagetraining.logs import LOG_FORMATS, TEXT_FORMAT, JsonFormatter, RequestIdFilter
 
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s", stream=sys.stderr
-    )
+    if log_format is None:
+        log_format = _log_format(_Parser(os.environ))
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+    logging.basicConfig(level=level, format=TEXT_FORMAT, stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())
+        if log_format == "json":
+            handler.setFormatter(JsonFormatter())
     if level != "DEBUG":
         for noisy in ("alembic", "pgserver"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -98,7 +98,7 @@ def run_service(
             validate(settings)
     except SettingsError as err:
         return fail(err)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if prepare is not None:
         prepare()
     try:

@@ -9,12 +9,12 @@ BIN := $(VENV)/bin
 TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 PYTEST_ARGS ?=
 
-.PHONY: run test venv lint typecheck protos check-protos test-embedded test-external tools migration clean bench bench-quick chaos chaos-quick
+.PHONY: run test venv lint typecheck protos check-protos test-embedded test-external tools migration clean bench bench-quick chaos chaos-quick release-contract
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[dev,onnx]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -37,10 +37,36 @@ tools:
 	    echo "note: could not install docker-compose; the compose test will be skipped"; \
 	  fi; }
 
+# The released contract: one buf image per package version (protos/released/imagetraining-vN.binpb),
+# committed, so that `buf breaking` needs no git history (CI's clone may be shallow).
+CONTRACT_IMAGES = $(wildcard protos/released/*.binpb)
+CONTRACT_BROKEN = echo "the contract change above breaks clients of the released contract: make it compatible, or \
+start a new package version (README.md, \"Changing the contract\")" >&2
+
+## make lint: style, buf lint, and buf breaking against every released contract image.
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
+	@test -n "$(CONTRACT_IMAGES)" || { echo "no released contract in protos/released: run make release-contract" >&2; exit 1; }
+	@for image in $(CONTRACT_IMAGES); do \
+	  echo "$(BIN)/buf breaking --against $$image"; \
+	  $(BIN)/buf breaking --against "$$image" || { $(CONTRACT_BROKEN); exit 1; }; \
+	done
+
+## make release-contract: when a release is cut, record its contract (one image per package version
+## under protos/imagetraining/) in protos/released/ and commit the images with the release. Refuses
+## a contract that breaks a released one.
+release-contract: venv
+	@for image in $(CONTRACT_IMAGES); do \
+	  $(BIN)/buf breaking --against "$$image" || { $(CONTRACT_BROKEN); exit 1; }; \
+	done
+	@mkdir -p protos/released
+	@for dir in protos/imagetraining/v*/; do \
+	  version=$$(basename "$$dir"); \
+	  $(BIN)/buf build --exclude-source-info --path "$$dir" -o "protos/released/imagetraining-$$version.binpb" || exit 1; \
+	  echo "wrote protos/released/imagetraining-$$version.binpb (commit it with the release)"; \
+	done
 
 typecheck: venv
 	$(BIN)/mypy imagetraining control_service discovery_worker

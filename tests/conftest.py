@@ -21,8 +21,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import make_url
 
-from imagetraining.db.engine import Database, start_embedded, with_database
+from imagetraining.db.engine import Database, start_embedded, to_asyncpg_url, with_database
 from imagetraining.db.migrate import upgrade
 from imagetraining.settings import Settings
 
@@ -97,7 +98,7 @@ class DatabaseFactory:
 
     def give_back(self, url: str) -> None:
         """Drop a used database behind the test (FORCE: a crashed test's connections do not hold it)."""
-        name = url.rsplit("/", 1)[-1].split("?", 1)[0]
+        name = make_url(to_asyncpg_url(url)).database
         self.executor.submit(self._admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def close(self) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, make_url, text
 
-from imagetraining.db.engine import Database
+from imagetraining.db.engine import Database, to_asyncpg_url
 from imagetraining.db.migrate import alembic_config
 from imagetraining.db.models import Base
 
@@ -68,4 +68,4 @@ async def test_each_test_gets_an_empty_migrated_database_of_its_own(clean_db: Da
         name = (await conn.execute(text("SELECT current_database()"))).scalar_one()
     assert set(tables) == set(Base.metadata.tables)
     assert counts == dict.fromkeys(tables, 0)
-    assert db_url.rsplit("/", 1)[-1].startswith(name) and name.startswith("imagetraining_test_")
+    assert make_url(to_asyncpg_url(db_url)).database == name and name.startswith("imagetraining_test_")

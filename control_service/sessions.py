@@ -77,6 +77,25 @@ JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX = 100, 1000
 
 _SET_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :ms, true)")
 
+# The configured trainer: the one the most recently started worker announced.
+_CONFIGURED_TRAINER = text(
+    """
+    SELECT trainer_name, trainer_version, model_digest, embedding_dimension
+      FROM worker_trainers ORDER BY announced_at DESC, worker_id LIMIT 1
+    """
+)
+
+# Trained images of a session whose stored features come from another trainer (RestartSession(ALL)
+# decodes and trains exactly these again).
+_STALE_IMAGES = text(
+    """
+    SELECT count(*) FROM training_jobs j JOIN image_assets a ON a.id = j.asset_id
+     WHERE j.session_id = :id AND j.state = 'completed'
+       AND (a.trainer_name IS DISTINCT FROM :trainer_name OR a.trainer_version IS DISTINCT FROM :trainer_version
+            OR a.model_digest IS DISTINCT FROM :model_digest)
+    """
+)
+
 _SUBDIRECTORIES = text(
     """
     SELECT path, selected, image_count, trained_count
@@ -148,9 +167,19 @@ class SessionUseCases:
         return convert.session_to_proto(row, subdirectories)
 
     async def get(self, session_id: int) -> pb.Session:
-        """GetSession: the session with its subdirectories and progress."""
+        """GetSession: the session with its subdirectories and progress, the configured trainer and
+        how many of its images that trainer would retrain."""
         async with self.db.reads.connect() as conn:
-            return await self._proto(conn, await self._row(conn, session_id))
+            session = await self._proto(conn, await self._row(conn, session_id))
+            configured = (await conn.execute(_CONFIGURED_TRAINER)).mappings().first()
+            if configured is not None:
+                session.configured_trainer.CopyFrom(convert.trainer_to_proto(configured))
+                params = {
+                    "id": session_id,
+                    **{k: configured[k] for k in ("trainer_name", "trainer_version", "model_digest")},
+                }
+                session.stale_images = int((await conn.execute(_STALE_IMAGES, params)).scalar_one())
+            return session
 
     async def get_with_sequence(self, session_id: int) -> tuple[pb.Session, int]:
         """The session and its stored event sequence ceiling: the snapshot WatchSession starts with."""

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from discovery_worker.trainer import Provenance
 from imagetraining import transitions
 from imagetraining.db.engine import Database
 from imagetraining.notifications import notify
@@ -259,6 +260,8 @@ class RunContext:
     roots: tuple[Path, ...]
     batch_size: int
     observer: RunObserver | None = None
+    # The trainer of the worker's pool: images another trainer made are trained again.
+    trainer: Provenance | None = None
 
     def progress(self, row: Mapping[str, Any]) -> None:
         if self.observer is not None:

@@ -63,6 +63,12 @@ async def finish(ctx: RunContext, plan: Plan, final: WalkBatch) -> tuple[str, in
                 .one()
             )
         else:
+            if ctx.trainer is not None:
+                t = ctx.trainer
+                params = {"trainer_name": t.name, "trainer_version": t.version, "model_digest": t.model_digest}
+                reopened = (await conn.execute(transitions.REOPEN_STALE_JOBS, {"id": sid, **params})).scalar_one()
+                if reopened:
+                    log.info("session %d: %d images trained by another trainer than %s", sid, reopened, t.describe())
             row = dict((await conn.execute(transitions.TO_RUNNING, {"id": sid})).mappings().one())
         ctx.acknowledge(row)
         await conn.execute(SUBDIRECTORY_COUNTS, {"id": sid, "nested_ids": nested_ids(plan.subdirectories)})

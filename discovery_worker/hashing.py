@@ -45,8 +45,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import imagehash
+import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from discovery_worker.trainer import OneImageTrainer, Trained
 from imagetraining.formats import ALLOWED_EXTENSIONS, PILLOW_FORMATS
 from imagetraining.paths import NotRegularFile, OutsideRoots, PathChanged, open_within
 
@@ -116,6 +118,7 @@ class ImageResult:
     height: int = 0
     format: str = ""  # Pillow format name: JPEG, PNG, WEBP...
     features: dict[str, Any] | None = None  # what the trainer returned (JSON-serialisable, small)
+    embedding: tuple[float, ...] | None = None  # the trainer's vector, L2-normalised
     error_class: str = ""  # one of ERROR_CLASSES when not ok
     error_message: str = ""
     # BLAKE2b-128 of the file's bytes (hex), computed from the bytes the decoder reads: files with
@@ -311,7 +314,7 @@ def process_image(
     trainer: Trainer | None = None,
     roots: Sequence[Path] | None = None,
 ) -> ImageResult:
-    """Decode `path` once and return its dHash, original size, format and trainer features.
+    """Decode `path` once and return its dHash, original size, format and trainer output.
 
     `roots`: the library roots the file must be opened within (the pool always passes them); None
     opens the path as given (direct calls in tests and benchmarks).
@@ -319,10 +322,44 @@ def process_image(
     Never raises for anything the file can do (only KeyboardInterrupt / SystemExit pass through);
     every failure is `ImageResult(ok=False, error_class=...)`. Meant to run in a pool process.
     """
+    return process_batch(
+        [path], max_file_bytes=max_file_bytes, max_image_pixels=max_image_pixels, trainer=trainer, roots=roots
+    )[0]
+
+
+def process_batch(
+    paths: Sequence[str],
+    *,
+    max_file_bytes: int,
+    max_image_pixels: int,
+    trainer: Trainer | None = None,
+    roots: Sequence[Path] | None = None,
+) -> list[ImageResult]:
+    """`process_image` for several files, with one `train_batch` call for the ones that decoded.
+
+    Every image is decoded and hashed first (its decoded pixels kept until the batch is trained), so
+    a file that fails to decode fails alone and the trainer sees only good images.
+    """
+    prepared: list[ImageResult | tuple[Image.Image, ImageResult]] = []
     try:
-        return _process(path, max_file_bytes, max_image_pixels, trainer, roots)
-    except Exception as exc:  # last resort: a bug here must fail one image, not the pool
-        return _fail("internal", f"{type(exc).__name__}: {exc}")
+        for path in paths:
+            try:
+                prepared.append(_prepare(path, max_file_bytes, max_image_pixels, roots))
+            except Exception as exc:  # last resort: a bug here must fail one image, not the pool
+                prepared.append(_fail("internal", f"{type(exc).__name__}: {exc}"))
+        decoded = [(i, item) for i, item in enumerate(prepared) if isinstance(item, tuple)]
+        results = [item if isinstance(item, ImageResult) else item[1] for item in prepared]
+        if trainer is not None and decoded:
+            if not callable(getattr(trainer, "train_batch", None)):  # a first-contract trainer, given directly
+                trainer = OneImageTrainer(trainer)
+            trained = _train_batch(trainer, [item for _i, item in decoded], [paths[i] for i, _item in decoded])
+            for (i, _item), result in zip(decoded, trained, strict=True):
+                results[i] = result
+        return results
+    finally:
+        for item in prepared:
+            if isinstance(item, tuple):
+                item[0].close()
 
 
 def _open(path: str, roots: Sequence[Path] | None) -> int | ImageResult:
@@ -343,9 +380,10 @@ def _open(path: str, roots: Sequence[Path] | None) -> int | ImageResult:
         return _fail("unreadable", f"cannot open: {getattr(exc, 'strerror', None) or exc}")
 
 
-def _process(
-    path: str, max_file_bytes: int, max_image_pixels: int, trainer: Trainer | None, roots: Sequence[Path] | None
-) -> ImageResult:
+def _prepare(
+    path: str, max_file_bytes: int, max_image_pixels: int, roots: Sequence[Path] | None
+) -> ImageResult | tuple[Image.Image, ImageResult]:
+    """The decoded image and its result so far (hash, size, format, digest), or the failure."""
     configure_pillow(max_image_pixels)
     opened = _open(path, roots)
     if isinstance(opened, ImageResult):
@@ -372,11 +410,14 @@ def _process(
         if len(data) > max_file_bytes:
             return _fail("too_large", f"file grew past the limit of {max_file_bytes} bytes while it was read")
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-        result = _decode(io.BytesIO(data), path, max_image_pixels, trainer)
-        return dataclasses.replace(result, content_digest=digest) if result.ok else result
+        decoded = _decode(io.BytesIO(data), path, max_image_pixels)
+        if isinstance(decoded, ImageResult):
+            return decoded
+        image, result = decoded
+        return image, dataclasses.replace(result, content_digest=digest)
 
 
-def _decode(fp: BinaryIO, path: str, max_image_pixels: int, trainer: Trainer | None) -> ImageResult:
+def _decode(fp: BinaryIO, path: str, max_image_pixels: int) -> ImageResult | tuple[Image.Image, ImageResult]:
     formats = allowed_formats(path)
     try:
         image = Image.open(fp, formats=formats)
@@ -394,7 +435,8 @@ def _decode(fp: BinaryIO, path: str, max_image_pixels: int, trainer: Trainer | N
     except _DECODE_ERRORS as exc:
         return _classify_decode_error(exc, "reading the header", fp)
 
-    with image:
+    keep = False
+    try:
         width, height = image.size  # the original size: draft() below shrinks image.size
         fmt = image.format or ""
         if width * height > max_image_pixels:
@@ -417,29 +459,67 @@ def _decode(fp: BinaryIO, path: str, max_image_pixels: int, trainer: Trainer | N
         except _DECODE_ERRORS as exc:
             failed = _classify_decode_error(exc, stage, fp)
             return _fail(failed.error_class, failed.error_message, width=width, height=height, format=fmt)
-        features = None
-        if trainer is not None:
-            try:
-                features = _train(trainer, image, path)
-            except _TrainerError as exc:
-                return _fail("trainer_error", str(exc), perceptual_hash=digest, width=width, height=height, format=fmt)
-        return ImageResult(ok=True, perceptual_hash=digest, width=width, height=height, format=fmt, features=features)
+        keep = True
+        return image, ImageResult(ok=True, perceptual_hash=digest, width=width, height=height, format=fmt)
+    finally:
+        if not keep:
+            image.close()
 
 
 class _TrainerError(Exception):
     pass
 
 
-def _train(trainer: Trainer, image: Image.Image, path: str) -> dict[str, Any]:
-    """Run the trainer and return its features as they will be stored (a JSON round trip).
+def _train_batch(trainer: Trainer, items: list[tuple[Image.Image, ImageResult]], paths: list[str]) -> list[ImageResult]:
+    """Run the trainer on decoded images; each image's result, a failure only for its own image.
+
+    If the batch call itself raises (a trainer that does not isolate its images), every image is
+    tried again alone, so the one bad image fails and the others get their output.
+    """
+    images = [image for image, _result in items]
+    try:
+        outputs = list(trainer.train_batch(images, paths))
+        if len(outputs) != len(images):
+            raise _TrainerError(f"train_batch returned {len(outputs)} results for {len(images)} images")
+    except Exception as exc:
+        if len(images) == 1:
+            outputs = [exc]
+        else:
+            return [_train_batch(trainer, [item], [path])[0] for item, path in zip(items, paths, strict=True)]
+    return [_trained(trainer, result, output) for (_image, result), output in zip(items, outputs, strict=True)]
+
+
+def _trained(trainer: Trainer, result: ImageResult, output: object) -> ImageResult:
+    def failed(message: str) -> ImageResult:
+        return _fail(
+            "trainer_error",
+            f"{trainer.name}: {message}",
+            perceptual_hash=result.perceptual_hash,
+            width=result.width,
+            height=result.height,
+            format=result.format,
+        )
+
+    if isinstance(output, BaseException):
+        return failed(f"{type(output).__name__}: {output}")
+    if not isinstance(output, Trained):
+        return failed(f"train_batch returned {type(output).__name__}, not Trained")
+    try:
+        features = _checked_features(output.features)
+        embedding = _checked_embedding(output.embedding, trainer.dimension)
+    except _TrainerError as exc:
+        return failed(str(exc))
+    return dataclasses.replace(result, features=features, embedding=embedding)
+
+
+def _checked_features(features: object) -> dict[str, Any] | None:
+    """The features as they will be stored (a JSON round trip).
 
     The round trip proves the features are JSON-serialisable (no NaN, no numpy scalars) here, in the
     pool process, where a failure is one image's `trainer_error`, instead of in the database write.
     """
-    try:
-        features = trainer.train(image, path)
-    except Exception as exc:
-        raise _TrainerError(f"{getattr(trainer, 'name', type(trainer).__name__)}: {type(exc).__name__}: {exc}") from exc
+    if features is None:
+        return None
     if not isinstance(features, dict):
         raise _TrainerError(f"trainer returned {type(features).__name__}, not a dict")
     try:
@@ -450,3 +530,23 @@ def _train(trainer: Trainer, image: Image.Image, path: str) -> dict[str, Any]:
         raise _TrainerError(f"trainer features are {len(encoded)} bytes as JSON; the limit is {MAX_FEATURES_BYTES}")
     decoded: dict[str, Any] = json.loads(encoded)
     return decoded
+
+
+def _checked_embedding(embedding: object, dimension: int) -> tuple[float, ...] | None:
+    """The embedding as float32 values, L2-normalised; its length must be the trainer's `dimension`."""
+    if embedding is None:
+        return None
+    if dimension == 0:
+        raise _TrainerError("the trainer declares dimension 0 but returned an embedding")
+    try:
+        vector = np.asarray(embedding, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise _TrainerError(f"the embedding is not a vector of numbers: {exc}") from exc
+    if vector.shape[0] != dimension:
+        raise _TrainerError(f"the embedding has {vector.shape[0]} values; the trainer declares {dimension}")
+    if not np.all(np.isfinite(vector)):
+        raise _TrainerError("the embedding has a NaN or infinite value")
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0:
+        raise _TrainerError("the embedding is all zeros (it has no direction to compare)")
+    return tuple(float(x) for x in (vector / norm).astype(np.float32))

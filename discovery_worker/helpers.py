@@ -29,6 +29,7 @@ from discovery_worker.claims import Claim, FenceLost, RunContext, StopSignal
 from discovery_worker.library import LibraryOffline
 from discovery_worker.runner import WATCH_SECONDS, ThrottledLog
 from discovery_worker.training import TrainingRun
+from imagetraining import transitions
 from imagetraining.db import faults
 
 if TYPE_CHECKING:
@@ -41,12 +42,12 @@ HELP_SLICE_SECONDS = 5.0
 # A session whose library looked offline to a helper is left alone this long (its owner pauses it).
 OFFLINE_BACKOFF_SECONDS = 10.0
 
-# The next running session with pending jobs this worker does not own: round-robin by id after the
-# one it helped last.
+# The next running session with pending jobs this worker does not own, trained by this worker's
+# trainer: round-robin by id after the one it helped last.
 _NEXT = text(
-    """
+    f"""
     SELECT s.id FROM training_sessions s
-     WHERE s.state = 'running' AND s.id <> ALL(CAST(:mine AS bigint[]))
+     WHERE s.state = 'running' AND s.id <> ALL(CAST(:mine AS bigint[])) AND {transitions.SAME_TRAINER}
        AND EXISTS (SELECT 1 FROM training_jobs j WHERE j.session_id = s.id AND j.state = 'pending')
      ORDER BY (s.id <= :last), s.id
      LIMIT 1
@@ -75,7 +76,11 @@ class Helper:
 
     async def _next_session(self) -> int | None:
         async with self.worker.db.engine.connect() as conn:
-            row = (await conn.execute(_NEXT, {"mine": self._excluded(), "last": self.last})).first()
+            p = self.worker.pool.provenance
+            if p is None:
+                return None
+            params = {"trainer_name": p.name, "trainer_version": p.version, "model_digest": p.model_digest}
+            row = (await conn.execute(_NEXT, {"mine": self._excluded(), "last": self.last, **params})).first()
         return None if row is None else int(row.id)
 
     async def run(self, room: Callable[[], bool]) -> None:

@@ -49,8 +49,8 @@ from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from discovery_worker.hashing import ImageResult, configure_pillow, process_image
-from discovery_worker.trainer import load_trainer
+from discovery_worker.hashing import ImageResult, configure_pillow, process_batch
+from discovery_worker.trainer import Provenance, load_trainer
 
 if TYPE_CHECKING:
     from discovery_worker.trainer import Trainer
@@ -132,27 +132,31 @@ def _init_process(
     _roots = roots
     try:
         _trainer = load_trainer(trainer_spec)
+        _trainer.setup()  # the model is loaded here, once per process
     except ValueError as exc:
         # Reported through _probe, so the parent raises one clear TrainerLoadError instead of
         # seeing processes die in a loop.
         _trainer_error = str(exc)
+    except Exception as exc:
+        _trainer_error = f"trainer {trainer_spec!r}: setup() failed: {type(exc).__name__}: {exc}"
 
 
-def _probe() -> str | None:
-    """Run once per process at start: None when the process is ready, else the trainer error."""
-    return _trainer_error
-
-
-def _work(path: str) -> ImageResult:
-    if _trainer_error is not None:
-        raise TrainerLoadError(_trainer_error)
-    return process_image(path, max_file_bytes=_limits[0], max_image_pixels=_limits[1], trainer=_trainer, roots=_roots)
+def _probe() -> tuple[str | None, tuple[Provenance, int] | None]:
+    """Run once per process at start: (the trainer error, None) or (None, (provenance, batch size))."""
+    if _trainer_error is not None or _trainer is None:
+        return _trainer_error or "no trainer", None
+    return None, (Provenance.of(_trainer), _trainer.batch_size)
 
 
 def _work_group(paths: list[str]) -> tuple[list[ImageResult], float]:
-    """Several small images in one task (one round trip through the executor); returns their CPU time too."""
+    """Several images in one task (one round trip through the executor, one trainer batch); returns
+    their CPU time too."""
+    if _trainer_error is not None:
+        raise TrainerLoadError(_trainer_error)
     started = time.perf_counter()
-    results = [_work(path) for path in paths]
+    results = process_batch(
+        paths, max_file_bytes=_limits[0], max_image_pixels=_limits[1], trainer=_trainer, roots=_roots
+    )
     return results, time.perf_counter() - started
 
 
@@ -199,6 +203,7 @@ class TrainingPool:
         trainer_spec: str,
         item_timeout: float = ITEM_TIMEOUT_SECONDS,
         roots: Sequence[Path] | None = None,
+        batch_size: int = 0,
     ) -> None:
         if size < 0:
             raise ValueError(f"pool size must be >= 0 (0: one process per CPU), not {size}")
@@ -210,6 +215,10 @@ class TrainingPool:
         self.max_image_pixels = max_image_pixels
         self.trainer_spec = trainer_spec
         self.item_timeout = item_timeout
+        # Images per trainer batch: the setting, or (0) what the trainer asks for (known once started).
+        self.batch_size = batch_size
+        # Which trainer the processes run (from their start-up probe): what every result was made by.
+        self.provenance: Provenance | None = None
         # Files are opened within these (never through a symlink out of them); None: as given (tests).
         self.roots = None if roots is None else tuple(roots)
         # Smoothed seconds of work per image, from the groups' own timing: sizes the next groups.
@@ -304,7 +313,8 @@ class TrainingPool:
         try:
             # One probe per process: ProcessPoolExecutor starts a process per submit while none is idle.
             probes = [executor.submit(_probe) for _ in range(self.size)]
-            errors = {f.result(timeout=START_TIMEOUT_SECONDS) for f in probes} - {None}
+            answers = [f.result(timeout=START_TIMEOUT_SECONDS) for f in probes]
+            errors = {error for error, _info in answers if error}
         except BrokenProcessPool as exc:
             _shutdown(gen, 0.0)
             raise PoolStartError(f"training pool processes die while starting: {exc}") from exc
@@ -313,7 +323,16 @@ class TrainingPool:
             raise PoolStartError(f"training pool processes did not start within {START_TIMEOUT_SECONDS}s") from exc
         if errors:
             _shutdown(gen, 0.0)
-            raise TrainerLoadError(sorted(e for e in errors if e)[0])
+            raise TrainerLoadError(sorted(errors)[0])
+        infos = {info for _error, info in answers if info is not None}
+        if len(infos) != 1:
+            _shutdown(gen, 0.0)
+            raise TrainerLoadError(
+                f"trainer {self.trainer_spec!r}: the pool processes report different trainers: {infos}"
+            )
+        provenance, batch = infos.pop()
+        self.provenance = provenance
+        self.batch_size = self.batch_size or batch
         log.debug("training pool generation %d: %d processes", number, self.size)
         return gen
 
@@ -339,7 +358,8 @@ class TrainingPool:
         return out
 
     def _group_size(self) -> int:
-        return max(1, min(MAX_GROUP, int(GROUP_SECONDS / max(self.item_seconds, 1e-4))))
+        """A trainer batch, or more for small images (several per round trip; see GROUP_SECONDS)."""
+        return max(self.batch_size, 1, min(MAX_GROUP, int(GROUP_SECONDS / max(self.item_seconds, 1e-4))))
 
     def _submit_group(self, gen: _Generation, paths: list[str]) -> asyncio.Future[tuple[list[ImageResult], float]]:
         future = gen.executor.submit(_work_group, paths)  # raises BrokenProcessPool if gen is already broken

@@ -38,6 +38,8 @@ from discovery_worker.faultpoints import fault_point
 from discovery_worker.library import LibraryOffline
 from discovery_worker.training import TrainingRun
 from imagetraining.db import faults
+from imagetraining.logs import session_name
+from imagetraining.names import session_name as name_of
 
 if TYPE_CHECKING:
     from discovery_worker.worker import Worker
@@ -102,6 +104,7 @@ class SessionRunner:
             roots=worker.settings.library_roots,
             batch_size=worker.settings.batch_size,
             observer=worker.observe(claim) if worker.observe is not None else None,
+            trainer=worker.pool.provenance,
         )
 
     @property
@@ -151,6 +154,9 @@ class SessionRunner:
                 return
 
     async def run(self) -> None:
+        # Every line this task and the tasks it starts log is about this session (a task of its own:
+        # worker.py starts one per runner, so nothing outside it sees the value).
+        session_name.set(name_of(self.claim.session_id))
         started = time.monotonic()
         helpers = [
             asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.claim.session_id}"),

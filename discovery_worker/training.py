@@ -50,6 +50,7 @@ from discovery_worker.hashing import HASH_ALGORITHM, ImageResult
 from discovery_worker.library import SUSPECT_ERROR_CLASSES, Anchor, Anchors
 from discovery_worker.plan import Plan, load_plan, nested_ids
 from discovery_worker.pool import TrainingPool
+from discovery_worker.trainer import Provenance
 from imagetraining import transitions
 from imagetraining.duplicates import Label, Trained, resolve
 from imagetraining.notifications import notify
@@ -68,6 +69,13 @@ WAIT_FOR_HELPERS_SECONDS = 0.25
 LABELS_PER_STATEMENT = 10_000
 
 
+def _array_literal(vector: Sequence[float] | None) -> str | None:
+    """A float4[] literal ('{0.1,...}'): one text per image, so unnest keeps the vectors apart."""
+    if vector is None:
+        return None
+    return "{" + ",".join(f"{x:.9g}" for x in vector) + "}"
+
+
 class _ChunkLost(Exception):
     """The chunk's jobs are no longer ours: roll back, write nothing of it."""
 
@@ -83,7 +91,7 @@ class PendingJob:
     path: str
     size_bytes: int
     mtime_ns: int
-    stored: ImageResult | None  # a still-valid stored hash: no decode needed
+    stored: ImageResult | None  # a still-valid stored hash and training (same file, same trainer): no decode
 
 
 @dataclass(slots=True)
@@ -104,12 +112,14 @@ _WRITE_ASSETS = text(
     UPDATE image_assets a
        SET perceptual_hash = r.perceptual_hash, hash_algorithm = :algorithm, content_digest = r.digest,
            width = r.width, height = r.height, format = r.format,
-           features = CAST(r.features AS jsonb),
+           features = CAST(r.features AS jsonb), embedding = CAST(r.embedding AS real[]),
+           trainer_name = :trainer_name, trainer_version = :trainer_version, model_digest = :model_digest,
            hashed_size_bytes = r.size_bytes, hashed_mtime_ns = r.mtime_ns, update_time = now()
       FROM unnest(CAST(:asset_ids AS bigint[]), CAST(:hashes AS text[]), CAST(:digests AS text[]),
                   CAST(:widths AS int[]), CAST(:heights AS int[]), CAST(:formats AS text[]),
-                  CAST(:features AS text[]), CAST(:sizes AS bigint[]), CAST(:mtimes AS bigint[]))
-           AS r(asset_id, perceptual_hash, digest, width, height, format, features, size_bytes, mtime_ns)
+                  CAST(:features AS text[]), CAST(:embeddings AS text[]), CAST(:sizes AS bigint[]),
+                  CAST(:mtimes AS bigint[]))
+           AS r(asset_id, perceptual_hash, digest, width, height, format, features, embedding, size_bytes, mtime_ns)
      WHERE a.id = r.asset_id
     """
 )
@@ -196,8 +206,34 @@ class TrainingRun:
         self._held: dict[str, Chunk] = {}  # chunks in flight, by token
         self.images_written = 0  # images this run committed (completed or failed)
 
+    @property
+    def provenance(self) -> Provenance:
+        assert self.pool.provenance is not None, "the pool is started before any run"
+        return self.pool.provenance
+
+    def _trainer_params(self) -> dict[str, Any]:
+        p = self.provenance
+        return {"trainer_name": p.name, "trainer_version": p.version, "model_digest": p.model_digest}
+
     async def _prepare(self) -> None:
         sid = self.ctx.claim.session_id
+        if self.pool.provenance is None:
+            await self.pool.start()
+        if self.owner:
+            claim = self.ctx.claim
+            async with self.ctx.db.engine.begin() as conn:
+                stamped = await conn.execute(
+                    transitions.STAMP_TRAINER,
+                    {
+                        "id": sid,
+                        "epoch": claim.epoch,
+                        "owner": claim.owner_id,
+                        "dimension": self.provenance.dimension,
+                        **self._trainer_params(),
+                    },
+                )
+                if stamped.first() is None:
+                    raise FenceLost
         self._plan = await load_plan(self.ctx)
         self._nested = nested_ids(self._plan.subdirectories)
         async with self.ctx.db.engine.connect() as conn:
@@ -218,12 +254,14 @@ class TrainingRun:
             "worker": self.ctx.claim.owner_id,
             "lease": self.lease_seconds,
             "algorithm": HASH_ALGORITHM,
+            **self._trainer_params(),
         }
         async with self.ctx.db.engine.begin() as conn:
-            if (
-                await conn.execute(transitions.LOCK_RUNNING_SESSION, {"id": self.ctx.claim.session_id})
-            ).first() is None:
-                return None  # paused, cancelled or ended: the watcher stops this run
+            locked = await conn.execute(
+                transitions.LOCK_RUNNING_SESSION, {"id": self.ctx.claim.session_id, **self._trainer_params()}
+            )
+            if locked.first() is None:
+                return None  # paused, cancelled, ended, or now trained by another trainer: this run stops
             reclaimed = await conn.execute(transitions.RECLAIM_EXPIRED_CHUNKS, {"id": self.ctx.claim.session_id})
             if reclaimed.rowcount:  # jobs behind the cursor are pending again: take them first
                 params["after"] = 0
@@ -233,7 +271,7 @@ class TrainingRun:
         jobs: list[PendingJob] = []
         for r in rows:
             stored = None
-            if r.hash_valid:
+            if r.trained_valid:
                 stored = ImageResult(
                     ok=True,
                     perceptual_hash=r.perceptual_hash,
@@ -338,6 +376,8 @@ class TrainingRun:
                         "heights": [r.height for _j, r in fresh],
                         "formats": [r.format[:16] for _j, r in fresh],
                         "features": [None if r.features is None else json.dumps(r.features) for _j, r in fresh],
+                        "embeddings": [_array_literal(r.embedding) for _j, r in fresh],
+                        **self._trainer_params(),
                         "sizes": [j.size_bytes for j, _r in fresh],
                         "mtimes": [j.mtime_ns for j, _r in fresh],
                     },

@@ -21,13 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
+from sqlalchemy import text
+
 from discovery_worker import claims
 from discovery_worker.claims import Claim, RunObserver
 from discovery_worker.helpers import Helper
 from discovery_worker.pool import TrainingPool
 from discovery_worker.runner import SessionRunner, ThrottledLog
 from imagetraining.db import faults
-from imagetraining.db.engine import Database
+from imagetraining.db.engine import Database, to_libpq_url
 from imagetraining.notifications import listen_forever
 from imagetraining.settings import Settings
 
@@ -38,6 +41,18 @@ STOP_TIMEOUT_SECONDS = 10.0
 # A session whose runner crashed here is left to other workers for this long, doubled per crash.
 COOLDOWN_FIRST_SECONDS = 1.0
 COOLDOWN_MAX_SECONDS = 60.0
+
+
+_ANNOUNCE_TRAINER = text(
+    """
+    INSERT INTO worker_trainers (worker_id, trainer_name, trainer_version, model_digest, embedding_dimension)
+    VALUES (:worker, :name, :version, :digest, :dimension)
+    ON CONFLICT (worker_id) DO UPDATE
+       SET trainer_name = excluded.trainer_name, trainer_version = excluded.trainer_version,
+           model_digest = excluded.model_digest, embedding_dimension = excluded.embedding_dimension,
+           announced_at = now()
+    """
+)
 
 
 def worker_idle_timeout(settings: Settings) -> float:
@@ -92,6 +107,7 @@ class Worker:
         self._help_wake = asyncio.Event()
         self.helper = Helper(self, self._help_wake)
         self._help_task: asyncio.Task[None] | None = None
+        self._index_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop(), name="claim-loop")
@@ -105,6 +121,56 @@ class Worker:
             self.max_sessions,
             ", helping others with the room left" if self.settings.help_other_sessions else "",
         )
+
+    async def announce_trainer(self) -> None:
+        """Record which trainer this worker runs: the newest announcement is the configured trainer
+        that GetSession counts stale images against. A database away now only costs the record."""
+        p = self.pool.provenance
+        if p is None:
+            return
+        try:
+            async with self.db.engine.begin() as conn:
+                await conn.execute(
+                    _ANNOUNCE_TRAINER,
+                    {
+                        "worker": self.worker_id,
+                        "name": p.name,
+                        "version": p.version,
+                        "digest": p.model_digest,
+                        "dimension": p.dimension,
+                    },
+                )
+        except Exception as exc:
+            log.warning("worker %s: could not record its trainer: %s", self.worker_id, exc)
+        if p.dimension:
+            self._index_task = asyncio.create_task(self._index_embeddings(p.dimension), name="embedding-index")
+
+    async def _index_embeddings(self, dimension: int) -> None:
+        """Where pgvector is installed, the HNSW index FindSimilarImages uses for this dimension's
+        searches over every image (control_service/search.py). Built CONCURRENTLY in the background:
+        discovery and training writes go on meanwhile; a failure costs only the index (search is exact
+        without it) and is tried again at the next start."""
+        name = f"ix_image_assets_embedding_hnsw_{int(dimension)}"
+        try:
+            conn = await asyncpg.connect(to_libpq_url(self.db.url), timeout=10)
+            try:
+                if await conn.fetchval("SELECT 1 FROM pg_extension WHERE extname = 'vector'") is None:
+                    return
+                if await conn.fetchval("SELECT 1 FROM pg_indexes WHERE indexname = $1", name):
+                    return
+                await conn.execute("SET lock_timeout = 0")
+                await conn.execute(
+                    f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON image_assets"
+                    f" USING hnsw ((CAST(embedding AS vector({int(dimension)}))) vector_cosine_ops)"
+                    f" WHERE cardinality(embedding) = {int(dimension)}"
+                )
+                log.info("worker %s: built the HNSW index %s for similarity search", self.worker_id, name)
+            finally:
+                await conn.close()
+        except Exception as exc:
+            log.warning(
+                "worker %s: the HNSW index %s was not built (search stays exact): %s", self.worker_id, name, exc
+            )
 
     def _has_room(self) -> bool:
         """Capacity for helping: fewer owned sessions than the worker may run."""
@@ -208,7 +274,7 @@ class Worker:
             _done, slow = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECONDS)
             for task in slow:
                 task.cancel()
-        for background in (self._loop_task, self._listen_task, self._help_task):
+        for background in (self._loop_task, self._listen_task, self._help_task, self._index_task):
             if background is not None:
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -271,6 +337,7 @@ async def run_worker(
             max_image_pixels=settings.max_image_pixels,
             trainer_spec=settings.trainer,
             roots=settings.library_roots,
+            batch_size=settings.train_batch_size,
         )
         await pool.start()
     except BaseException:
@@ -300,5 +367,6 @@ async def run_worker(
 
         server.on_shutdown.append(refuse_new_streams)
     server.on_shutdown.append(worker.stop)
+    await worker.announce_trainer()
     worker.start()
     return WorkerHandle(settings=settings, db=db, pool=pool, server=server, worker=worker)

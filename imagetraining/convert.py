@@ -166,7 +166,19 @@ def session_to_proto(row: Row, subdirectories: Iterable[Row] = (), now: dt.datet
         ts = timestamp(row.get(field))
         if ts is not None:
             getattr(session, field).CopyFrom(ts)
+    if row.get("trainer_name"):
+        session.trainer.CopyFrom(trainer_to_proto(row))
     return session
+
+
+def trainer_to_proto(row: Row) -> pb.Trainer:
+    """A row with trainer_name, trainer_version, model_digest, embedding_dimension as a `Trainer`."""
+    return pb.Trainer(
+        name=row["trainer_name"] or "",
+        version=row["trainer_version"] or "",
+        model_digest=row["model_digest"] or "",
+        embedding_dimension=int(row["embedding_dimension"] or 0),
+    )
 
 
 def job_to_proto(row: Row) -> pb.Job:

@@ -59,6 +59,8 @@ OWNED = "id = :id AND epoch = :epoch AND owner_id = :owner"
 # A session a worker may claim: active, and nobody's lease is running.
 CLAIMABLE = "state IN ('discovering', 'running') AND (owner_id IS NULL OR lease_expires_at < now())"
 # A run needs at least one selected subdirectory.
+# The session's trainer is the caller's (:trainer_name, :trainer_version, :model_digest).
+SAME_TRAINER = "trainer_name = :trainer_name AND trainer_version = :trainer_version AND model_digest = :model_digest"
 HAS_SELECTION = "EXISTS (SELECT 1 FROM session_subdirectories WHERE session_id = :id AND selected)"
 # Columns a new run starts from (StartSession, RestartSession).
 RESET_RUN = f"start_time = now(), end_time = NULL, state_reason = '', resume_state = NULL, attempts = 0, {DISOWN}"
@@ -340,6 +342,32 @@ REOPEN_CHANGED_JOBS = text(
     """
 )
 
+# At the end of a run's walk (before TO_RUNNING): the session's trained images whose features another
+# trainer made than the owner's (:trainer_name, :trainer_version, :model_digest) go back to pending,
+# the counters down by as many, so RestartSession(ALL) after a trainer change retrains exactly them.
+REOPEN_STALE_JOBS = text(
+    """
+    WITH stale AS (
+        SELECT j.id FROM training_jobs j JOIN image_assets a ON a.id = j.asset_id
+         WHERE j.session_id = :id AND j.state = 'completed'
+           AND (a.trainer_name IS DISTINCT FROM :trainer_name OR a.trainer_version IS DISTINCT FROM :trainer_version
+                OR a.model_digest IS DISTINCT FROM :model_digest)
+           FOR UPDATE OF j
+    ),
+    reset AS (
+        UPDATE training_jobs j
+           SET state = 'pending', near_duplicate_of_asset_id = NULL, near_duplicate_distance = NULL,
+               update_time = now()
+          FROM stale WHERE j.id = stale.id
+        RETURNING j.id
+    )
+    UPDATE training_sessions
+       SET processed_images = processed_images - (SELECT count(*) FROM reset)
+     WHERE id = :id
+    RETURNING (SELECT count(*) FROM reset) AS reopened
+    """
+)
+
 # discovering -> running: the walk is complete and the total final.
 TO_RUNNING = text(
     f"""
@@ -382,10 +410,29 @@ RECLAIM_EXPIRED_CHUNKS = text(
 # The first statement of a chunk claim: the session is running, and stays so until the claim
 # commits (FOR SHARE: a pause or cancel waits for the claim and then releases its chunk; a claim
 # behind a pause sees it paused and takes nothing).
-LOCK_RUNNING_SESSION = text("SELECT id FROM training_sessions WHERE id = :id AND state = 'running' FOR SHARE")
+LOCK_RUNNING_SESSION = text(
+    f"""
+    SELECT id FROM training_sessions
+     WHERE id = :id AND state = 'running' AND {SAME_TRAINER}
+       FOR SHARE
+    """
+)
+
+# The owner stamps its trainer on the session when its training run starts (a new run, a resume, a
+# takeover); from then on only workers running the same trainer claim chunks (LOCK_RUNNING_SESSION).
+STAMP_TRAINER = text(
+    f"""
+    UPDATE training_sessions
+       SET trainer_name = :trainer_name, trainer_version = :trainer_version, model_digest = :model_digest,
+           embedding_dimension = :dimension
+     WHERE {OWNED} AND state = 'running'
+    RETURNING id
+    """
+)
 
 # Up to :limit pending jobs after :after in id order (SKIP LOCKED: two workers never take the same
-# job), after LOCK_RUNNING_SESSION in the same transaction; returns what training needs of each.
+# job), after LOCK_RUNNING_SESSION in the same transaction; returns what training needs of each, and
+# whether the asset's stored hash and features are still valid: same file, same trainer.
 CLAIM_CHUNK = text(
     """
     WITH picked AS (
@@ -406,7 +453,9 @@ CLAIM_CHUNK = text(
     SELECT c.id AS job_id, c.asset_id, a.path, a.size_bytes, a.mtime_ns,
            a.perceptual_hash, a.width, a.height, a.format, a.content_digest,
            (a.perceptual_hash IS NOT NULL AND a.hash_algorithm = :algorithm AND a.content_digest IS NOT NULL
-            AND a.hashed_size_bytes = a.size_bytes AND a.hashed_mtime_ns = a.mtime_ns) AS hash_valid
+            AND a.hashed_size_bytes = a.size_bytes AND a.hashed_mtime_ns = a.mtime_ns
+            AND a.trainer_name = :trainer_name AND a.trainer_version = :trainer_version
+            AND a.model_digest = :model_digest) AS trained_valid
       FROM claimed c JOIN image_assets a ON a.id = c.asset_id
      ORDER BY c.id
     """

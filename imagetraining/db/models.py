@@ -29,7 +29,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, REAL
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from imagetraining.states import ACTIVE_STATES, TERMINAL_STATES, JobState, SessionState
@@ -102,6 +102,12 @@ class TrainingSession(Base):
     training_seconds: Mapped[float] = mapped_column(server_default="0")
     # When training_seconds was last advanced (each chunk commit adds the wall-clock time since).
     training_mark: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The trainer of the latest run, stamped by its owner when training starts (helpers with another
+    # trainer do not take its chunks: one run never mixes two models).
+    trainer_name: Mapped[str | None] = mapped_column(String(100))
+    trainer_version: Mapped[str | None] = mapped_column(String(100))
+    model_digest: Mapped[str | None] = mapped_column(String(64))
+    embedding_dimension: Mapped[int] = mapped_column(Integer, server_default="0")
 
     # Lease / fencing (written by workers; see discovery_worker.claims).
     owner_id: Mapped[str | None] = mapped_column(String(200))
@@ -161,6 +167,13 @@ class ImageAsset(Base):
     hashed_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
     # BLAKE2b-128 (hex) of the bytes hashed: equal digests are exact duplicates.
     content_digest: Mapped[str | None] = mapped_column(String(32))
+    # Which trainer produced `features` and `embedding` (NULL: none that recorded itself): an asset
+    # trained by another trainer than the worker's is decoded and trained again.
+    trainer_name: Mapped[str | None] = mapped_column(String(100))
+    trainer_version: Mapped[str | None] = mapped_column(String(100))
+    model_digest: Mapped[str | None] = mapped_column(String(64))
+    # The trainer's vector, L2-normalised (float4[] everywhere; pgvector indexes it where it exists).
+    embedding: Mapped[list[float] | None] = mapped_column(ARRAY(REAL))
     first_seen_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     update_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
@@ -258,3 +271,16 @@ class IdempotencyKey(Base):
     session_id: Mapped[int | None] = mapped_column(BigInteger)
     response: Mapped[bytes] = mapped_column(LargeBinary)
     create_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class WorkerTrainer(Base):
+    """The trainer a worker runs, announced when it starts; the newest is the configured trainer."""
+
+    __tablename__ = "worker_trainers"
+
+    worker_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    trainer_name: Mapped[str] = mapped_column(String(100))
+    trainer_version: Mapped[str] = mapped_column(String(100))
+    model_digest: Mapped[str] = mapped_column(String(64))
+    embedding_dimension: Mapped[int] = mapped_column(Integer)
+    announced_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())

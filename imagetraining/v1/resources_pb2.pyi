@@ -396,6 +396,9 @@ class Session(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    TRAINER_FIELD_NUMBER: _builtins.int
+    STALE_IMAGES_FIELD_NUMBER: _builtins.int
+    CONFIGURED_TRAINER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"sessions/{id}". Output only."""
     display_name: _builtins.str
@@ -408,6 +411,12 @@ class Session(_message.Message):
     """
     attempts: _builtins.int
     """How many times a worker has claimed the current run."""
+    stale_images: _builtins.int
+    """Trained images of the session whose features and embedding were made by another trainer than
+    `configured_trainer`: RestartSession with scope ALL retrains exactly these (every other image's
+    stored result is kept, without decoding it again). Counted by GetSession only (0 in
+    ListSessions and in stream snapshots).
+    """
     @_builtins.property
     def config(self) -> Global___SessionConfig: ...
     @_builtins.property
@@ -430,6 +439,19 @@ class Session(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When the session reached a terminal state. Absent otherwise."""
 
+    @_builtins.property
+    def trainer(self) -> Global___Trainer:
+        """The trainer of the session's latest run, stamped by the worker that owns it when training
+        starts. Only workers running this same trainer train the run's images, so one run never mixes
+        two models. Absent until a run has started training.
+        """
+
+    @_builtins.property
+    def configured_trainer(self) -> Global___Trainer:
+        """The trainer the workers run now: the one announced by the most recently started worker.
+        Absent when no worker has started yet. Filled by GetSession only.
+        """
+
     def __init__(
         self,
         *,
@@ -447,14 +469,50 @@ class Session(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        trainer: Global___Trainer | None = ...,
+        stale_images: _builtins.int = ...,
+        configured_trainer: Global___Trainer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "discovery", b"discovery", "end_time", b"end_time", "progress", b"progress", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "configured_trainer", b"configured_trainer", "create_time", b"create_time", "discovery", b"discovery", "end_time", b"end_time", "progress", b"progress", "start_time", b"start_time", "trainer", b"trainer", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "config", b"config", "create_time", b"create_time", "discovery", b"discovery", "display_name", b"display_name", "end_time", b"end_time", "name", b"name", "progress", b"progress", "root_path", b"root_path", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "subdirectories", b"subdirectories", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "config", b"config", "configured_trainer", b"configured_trainer", "create_time", b"create_time", "discovery", b"discovery", "display_name", b"display_name", "end_time", b"end_time", "name", b"name", "progress", b"progress", "root_path", b"root_path", "stale_images", b"stale_images", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "subdirectories", b"subdirectories", "trainer", b"trainer", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Session: _TypeAlias = Session  # noqa: Y015
+
+@_typing.final
+class Trainer(_message.Message):
+    """Which trainer made an image's features and embedding (IMAGETRAINING_TRAINER on the workers)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_DIGEST_FIELD_NUMBER: _builtins.int
+    EMBEDDING_DIMENSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The trainer's name, e.g. "default-colour-stats" or "onnx-image-encoder"."""
+    version: _builtins.str
+    model_digest: _builtins.str
+    """SHA-256 (hex) of the model file, for trainers that load one. Empty otherwise."""
+    embedding_dimension: _builtins.int
+    """Length of the embedding vectors it stores; 0 when it makes none (search is then refused)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        model_digest: _builtins.str = ...,
+        embedding_dimension: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_dimension", b"embedding_dimension", "model_digest", b"model_digest", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Trainer: _TypeAlias = Trainer  # noqa: Y015
 
 @_typing.final
 class Job(_message.Message):

@@ -7,10 +7,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from discovery_worker.trainer import DefaultTrainer, Trainer, load_trainer
+from discovery_worker.trainer import DefaultTrainer, OneImageTrainer, Provenance, Trained, Trainer, load_trainer
 from tests import images
 
 
@@ -57,6 +58,12 @@ def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
         "class NeedsArgs:\n    name = 'n'\n    def __init__(self, model):\n        pass\n"
         "    def train(self, image, path):\n        return {}\n"
         "class Fine:\n    name = 'fine'\n    def train(self, image, path):\n        return {'ok': 1}\n"
+        "class Batched:\n    name = 'b'\n    version = '3'\n    model_digest = ''\n    dimension = 2\n"
+        "    batch_size = 8\n    def setup(self):\n        pass\n"
+        "    def train_batch(self, images, paths):\n        return []\n"
+        "class BadDimension(Batched):\n    dimension = -1\n"
+        "class BadBatch(Batched):\n    batch_size = 0\n"
+        "class NoVersion(Batched):\n    version = ''\n"
     )
     yield tmp_path
     for name in ("exploding_trainer_mod", "odd_trainers_mod"):
@@ -73,7 +80,10 @@ def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
         ("discovery_worker.trainer:Missing", "has no attribute 'Missing'"),
         ("exploding_trainer_mod:T", "RuntimeError: no GPU here"),
         ("odd_trainers_mod:NOT_CALLABLE", "not a class or factory"),
-        ("odd_trainers_mod:NoTrain", "no train(image, path) method"),
+        ("odd_trainers_mod:NoTrain", "neither train_batch(images, paths) nor train(image, path)"),
+        ("odd_trainers_mod:BadDimension", "'dimension' must be an integer from 0 to 4096"),
+        ("odd_trainers_mod:BadBatch", "'batch_size' must be an integer from 1 to 256"),
+        ("odd_trainers_mod:NoVersion", "'version' must be a non-empty string"),
         ("odd_trainers_mod:NoName", "'name'"),
         ("odd_trainers_mod:NeedsArgs", "creating it failed"),
     ],
@@ -85,7 +95,29 @@ def test_load_trainer_errors(plugin_dir: Path, spec: str, message: str) -> None:
     assert repr(spec) in str(info.value)
 
 
-def test_load_plugin_trainer(plugin_dir: Path) -> None:
+def test_a_first_contract_trainer_is_adapted(plugin_dir: Path) -> None:
+    """A trainer with only `name` and `train(image, path)` keeps working: version "1", no embedding,
+    batches of one."""
     trainer = load_trainer("odd_trainers_mod:Fine")
-    assert trainer.name == "fine"
-    assert trainer.train(Image.new("RGB", (1, 1)), "p") == {"ok": 1}
+    assert isinstance(trainer, OneImageTrainer)
+    assert (trainer.name, trainer.version, trainer.dimension, trainer.batch_size) == ("fine", "1", 0, 1)
+    assert trainer.train_batch([Image.new("RGB", (1, 1))], ["p"]) == [Trained(features={"ok": 1})]
+
+
+def test_a_batch_trainer_is_taken_as_it_is(plugin_dir: Path) -> None:
+    trainer = load_trainer("odd_trainers_mod:Batched")
+    assert type(trainer).__name__ == "Batched"
+    assert Provenance.of(trainer) == Provenance("b", "3", "", 2)
+
+
+def test_the_default_trainer_embeds_its_colour_histogram() -> None:
+    """Search works out of the box: the default trainer's 24 histogram bins, L2-normalised."""
+    trainer = DefaultTrainer()
+    image = images.photo_image(64, 48, seed=3)
+    (out,) = trainer.train_batch([image], ["a.jpg"])
+    assert isinstance(out, Trained) and out.features is not None and out.embedding is not None
+    vector = np.asarray(out.embedding)
+    assert vector.shape == (trainer.dimension,) == (24,)
+    assert float(np.linalg.norm(vector)) == pytest.approx(1.0)
+    bins = np.asarray(out.features["histogram_rgb"]).reshape(-1)
+    assert np.allclose(vector, bins / np.linalg.norm(bins))

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import message_factory
 
 from control_service.relay import Relay, Snapshot, SnapshotLoader
+from control_service.search import Search
 from control_service.servicer import Admission, Encoder, EventSource, TrainingSessionServicer, watch_response
 from control_service.sessions import SessionUseCases
 from imagetraining.db.engine import Database, resolve_url
@@ -103,7 +104,12 @@ async def serve(
         encode = WireCache(watch_response)
         admit = relay.budget.check
     servicer = TrainingSessionServicer(
-        sessions, watcher, write_timeout=settings.subscriber_idle_seconds, encode=encode, admit=admit
+        sessions,
+        watcher,
+        write_timeout=settings.subscriber_idle_seconds,
+        encode=encode,
+        admit=admit,
+        search=Search(db, settings.library_roots),
     )
 
     def add(server: grpc.aio.Server) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from control_service.inputs import validate_config
 from control_service.pages import job_state_filter, session_state_filter
 from control_service.refusals import request_deadline
+from control_service.search import Search
 from control_service.sessions import SessionUseCases
 from imagetraining import convert
 from imagetraining.errors import Unimplemented
@@ -68,8 +69,10 @@ class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
         write_timeout: float = 30.0,
         encode: Encoder = watch_response,
         admit: Admission | None = None,
+        search: Search | None = None,
     ) -> None:
         self.sessions = sessions
+        self.search = search
         self.watcher = watcher
         self.write_timeout = write_timeout
         # The relay's events are shared by every subscriber: server.py serializes each one once.
@@ -194,6 +197,14 @@ class TrainingSessionServicer(api_grpc.TrainingSessionServiceServicer):
             session_id, request.page_size, request.page_token, job_state_filter(request.state)
         )
         return api.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    async def FindSimilarImages(
+        self, request: api.FindSimilarImagesRequest, context: Any
+    ) -> api.FindSimilarImagesResponse:
+        session_id = parse_session_name(request.session, "session") if request.session else None
+        if self.search is None:
+            raise Unimplemented("FindSimilarImages is not available on this server")
+        return await self.search.find_similar(request, session_id)
 
     async def WatchSession(  # type: ignore[override]  # written with context.write, not yield
         self, request: api.WatchSessionRequest, context: Any

@@ -43,6 +43,7 @@ from imagetraining.cli.commands import (
     cmd_resume,
     cmd_scan,
     cmd_select,
+    cmd_similar,
     cmd_start,
     cmd_train,
     cmd_validate,
@@ -179,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     _session_arg(p)
     p.add_argument("--after-sequence", type=int, default=0, metavar="N", help="resume after this sequence")
     p.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
+
+    p = add(commands, "similar", cmd_similar, "the trained images most like PATH (by their embeddings)")
+    p.add_argument("path", metavar="PATH", help="a trained image (absolute, or relative to the current directory)")
+    p.add_argument("--session", metavar="SESSION", help="search this session's images only (default: every image)")
+    p.add_argument("-k", type=int, default=10, metavar="N", help="how many (1..1000, default 10)")
 
     p = add(commands, "train", cmd_train, "train every image under PATH: create, select, start and watch")
     p.add_argument(

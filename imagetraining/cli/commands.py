@@ -278,6 +278,19 @@ def cmd_scan(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_similar(ctx: Context) -> int:
+    """The images most like PATH (a trained image), within one session (--session) or all."""
+    a = ctx.args
+    path = absolute(a.path)
+    request = tss.FindSimilarImagesRequest(path=path, k=a.k, session=session_name(a.session) if a.session else "")
+    response: tss.FindSimilarImagesResponse = ctx.client.call("FindSimilarImages", request)
+    if ctx.json:
+        output.print_json(ctx.out, response)
+    else:
+        ctx.out.print(output.similar_output(response, path))
+    return EXIT_OK
+
+
 def cmd_validate(ctx: Context) -> int:
     """Exit 0 when StartSession would succeed, 2 (as StartSession's refusal would) when not."""
     name = session_name(ctx.args.session)

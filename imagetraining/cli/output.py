@@ -187,6 +187,18 @@ def scan_output(response: tss.ScanDirectoryResponse) -> RenderableType:
     return Group(Text(response.path, "bold", overflow="fold"), table, Text("\n".join(lines), "dim"))
 
 
+def similar_output(response: tss.FindSimilarImagesResponse, query: str) -> RenderableType:
+    table = Table(header_style="bold")
+    table.add_column("distance", justify="right", no_wrap=True)
+    table.add_column("image", overflow="fold")
+    for result in response.results:
+        table.add_row(f"{result.distance:.4f}", result.path)
+    t = response.trainer
+    how = "exact" if response.exact else "approximate (HNSW index)"
+    note = f"{len(response.results)} nearest by cosine distance, {how}; embeddings of {t.name} {t.version}"
+    return Group(Text(query, "bold", overflow="fold"), table, Text(note, "dim"))
+
+
 def next_step(state: int, sid: int | str, *, selected: bool = True) -> str:
     """The command to run next for a session in `state`: always one the server accepts in that state.
 

@@ -53,6 +53,122 @@ from its checkpoint first.
 Global___RestartScope: _TypeAlias = RestartScope  # noqa: Y015
 
 @_typing.final
+class FindSimilarImagesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    VECTOR_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    """"sessions/{id}": search that session's completed images. Empty: every trained image."""
+    path: _builtins.str
+    """Absolute path of a trained image in scope; its stored embedding is the query."""
+    k: _builtins.int
+    """How many results; 1..1000, 0 means 10."""
+    @_builtins.property
+    def vector(self) -> Global___QueryVector:
+        """A query vector of the model's dimension (see Session.trainer.embedding_dimension)."""
+
+    def __init__(
+        self,
+        *,
+        session: _builtins.str = ...,
+        path: _builtins.str = ...,
+        vector: Global___QueryVector | None = ...,
+        k: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "query", b"query", "vector", b"vector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "path", b"path", "query", b"query", "session", b"session", "vector", b"vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["path", "vector"]  # noqa: Y015
+    _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_query) -> _WhichOneofReturnType_query | None: ...
+
+Global___FindSimilarImagesRequest: _TypeAlias = FindSimilarImagesRequest  # noqa: Y015
+
+@_typing.final
+class QueryVector(_message.Message):
+    """A caller-made query embedding."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryVector: _TypeAlias = QueryVector  # noqa: Y015
+
+@_typing.final
+class FindSimilarImagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    TRAINER_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    exact: _builtins.bool
+    """True when every candidate's distance was computed (no approximate index was used)."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimilarImage]:
+        """Nearest first."""
+
+    @_builtins.property
+    def trainer(self) -> _resources_pb2.Trainer:
+        """The trainer whose embeddings were searched."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SimilarImage] | None = ...,
+        trainer: _resources_pb2.Trainer | None = ...,
+        exact: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trainer", b"trainer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact", b"exact", "results", b"results", "trainer", b"trainer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindSimilarImagesResponse: _TypeAlias = FindSimilarImagesResponse  # noqa: Y015
+
+@_typing.final
+class SimilarImage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    ASSET_ID_FIELD_NUMBER: _builtins.int
+    DISTANCE_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    asset_id: _builtins.int
+    distance: _builtins.float
+    """Cosine distance to the query: 1 - cosine similarity, from 0 to 2."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        asset_id: _builtins.int = ...,
+        distance: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "distance", b"distance", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimilarImage: _TypeAlias = SimilarImage  # noqa: Y015
+
+@_typing.final
 class CreateSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -137,6 +137,11 @@ class TrainingSessionServiceStub:
                 request_serializer=imagetraining_dot_v1_dot_training__session__service__pb2.WatchSessionRequest.SerializeToString,
                 response_deserializer=imagetraining_dot_v1_dot_training__session__service__pb2.WatchSessionResponse.FromString,
                 _registered_method=True)
+        self.FindSimilarImages = channel.unary_unary(
+                '/imagetraining.v1.TrainingSessionService/FindSimilarImages',
+                request_serializer=imagetraining_dot_v1_dot_training__session__service__pb2.FindSimilarImagesRequest.SerializeToString,
+                response_deserializer=imagetraining_dot_v1_dot_training__session__service__pb2.FindSimilarImagesResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingSessionServiceServicer:
@@ -341,6 +346,28 @@ class TrainingSessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindSimilarImages(self, request, context):
+        """The `k` trained images most similar to a query, nearest first, by cosine distance between
+        embeddings (0: same direction, 2: opposite; every stored embedding is L2-normalised). The query
+        is an image already trained (`path`: its stored embedding; the image itself is left out of the
+        results) or a vector the caller made with the same model (`vector`, e.g. a text encoder's
+        output for a text search; normalised here). The scope is one session's completed images, or
+        every trained image when `session` is empty. One search never mixes two models: every image in
+        scope must have been trained by one trainer (name, version and model digest).
+        Exact on every PostgreSQL; where the pgvector extension is installed the distances are computed
+        by it, and an HNSW index is used for searches over every image (`exact` false in the response).
+        Limits: `k` 1..1000 (default 10); a vector of at most 4096 finite values, not all zero.
+        Errors: INVALID_ARGUMENT (malformed session name or path, a path outside the library roots, k
+        out of range, a vector of the wrong dimension or not finite or zero, neither or both of path
+        and vector); NOT_FOUND (the session, or `path` is not a trained image in scope);
+        FAILED_PRECONDITION (+PreconditionFailure: `EMBEDDING` when no image in scope has an embedding,
+        e.g. the trainer makes none; `MIXED_MODELS` when images in scope were trained by different
+        trainers: RestartSession with RESTART_SCOPE_ALL retrains the stale ones).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingSessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -423,6 +450,11 @@ def add_TrainingSessionServiceServicer_to_server(servicer, server):
                     servicer.WatchSession,
                     request_deserializer=imagetraining_dot_v1_dot_training__session__service__pb2.WatchSessionRequest.FromString,
                     response_serializer=imagetraining_dot_v1_dot_training__session__service__pb2.WatchSessionResponse.SerializeToString,
+            ),
+            'FindSimilarImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindSimilarImages,
+                    request_deserializer=imagetraining_dot_v1_dot_training__session__service__pb2.FindSimilarImagesRequest.FromString,
+                    response_serializer=imagetraining_dot_v1_dot_training__session__service__pb2.FindSimilarImagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -880,6 +912,33 @@ class TrainingSessionService:
             '/imagetraining.v1.TrainingSessionService/WatchSession',
             imagetraining_dot_v1_dot_training__session__service__pb2.WatchSessionRequest.SerializeToString,
             imagetraining_dot_v1_dot_training__session__service__pb2.WatchSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindSimilarImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagetraining.v1.TrainingSessionService/FindSimilarImages',
+            imagetraining_dot_v1_dot_training__session__service__pb2.FindSimilarImagesRequest.SerializeToString,
+            imagetraining_dot_v1_dot_training__session__service__pb2.FindSimilarImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -166,6 +166,24 @@ class TrainingSessionServiceStub:
     (the message says `after_sequence=N` and ErrorInfo metadata `last_sequence` holds N: reconnect
     with it); UNAVAILABLE when the control service shuts down (reconnect with your last sequence).
     """
+    FindSimilarImages: _grpc.UnaryUnaryMultiCallable[_training_session_service_pb2.FindSimilarImagesRequest, _training_session_service_pb2.FindSimilarImagesResponse]
+    """The `k` trained images most similar to a query, nearest first, by cosine distance between
+    embeddings (0: same direction, 2: opposite; every stored embedding is L2-normalised). The query
+    is an image already trained (`path`: its stored embedding; the image itself is left out of the
+    results) or a vector the caller made with the same model (`vector`, e.g. a text encoder's
+    output for a text search; normalised here). The scope is one session's completed images, or
+    every trained image when `session` is empty. One search never mixes two models: every image in
+    scope must have been trained by one trainer (name, version and model digest).
+    Exact on every PostgreSQL; where the pgvector extension is installed the distances are computed
+    by it, and an HNSW index is used for searches over every image (`exact` false in the response).
+    Limits: `k` 1..1000 (default 10); a vector of at most 4096 finite values, not all zero.
+    Errors: INVALID_ARGUMENT (malformed session name or path, a path outside the library roots, k
+    out of range, a vector of the wrong dimension or not finite or zero, neither or both of path
+    and vector); NOT_FOUND (the session, or `path` is not a trained image in scope);
+    FAILED_PRECONDITION (+PreconditionFailure: `EMBEDDING` when no image in scope has an embedding,
+    e.g. the trainer makes none; `MIXED_MODELS` when images in scope were trained by different
+    trainers: RestartSession with RESTART_SCOPE_ALL retrains the stale ones).
+    """
 
 @_typing.type_check_only
 class TrainingSessionServiceAsyncStub(TrainingSessionServiceStub):
@@ -304,6 +322,24 @@ class TrainingSessionServiceAsyncStub(TrainingSessionServiceStub):
     RESOURCE_EXHAUSTED when the subscriber cap is reached, or when this subscriber stopped reading
     (the message says `after_sequence=N` and ErrorInfo metadata `last_sequence` holds N: reconnect
     with it); UNAVAILABLE when the control service shuts down (reconnect with your last sequence).
+    """
+    FindSimilarImages: _aio.UnaryUnaryMultiCallable[_training_session_service_pb2.FindSimilarImagesRequest, _training_session_service_pb2.FindSimilarImagesResponse]  # type: ignore[assignment]
+    """The `k` trained images most similar to a query, nearest first, by cosine distance between
+    embeddings (0: same direction, 2: opposite; every stored embedding is L2-normalised). The query
+    is an image already trained (`path`: its stored embedding; the image itself is left out of the
+    results) or a vector the caller made with the same model (`vector`, e.g. a text encoder's
+    output for a text search; normalised here). The scope is one session's completed images, or
+    every trained image when `session` is empty. One search never mixes two models: every image in
+    scope must have been trained by one trainer (name, version and model digest).
+    Exact on every PostgreSQL; where the pgvector extension is installed the distances are computed
+    by it, and an HNSW index is used for searches over every image (`exact` false in the response).
+    Limits: `k` 1..1000 (default 10); a vector of at most 4096 finite values, not all zero.
+    Errors: INVALID_ARGUMENT (malformed session name or path, a path outside the library roots, k
+    out of range, a vector of the wrong dimension or not finite or zero, neither or both of path
+    and vector); NOT_FOUND (the session, or `path` is not a trained image in scope);
+    FAILED_PRECONDITION (+PreconditionFailure: `EMBEDDING` when no image in scope has an embedding,
+    e.g. the trainer makes none; `MIXED_MODELS` when images in scope were trained by different
+    trainers: RestartSession with RESTART_SCOPE_ALL retrains the stale ones).
     """
 
 class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -536,6 +572,30 @@ class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
         RESOURCE_EXHAUSTED when the subscriber cap is reached, or when this subscriber stopped reading
         (the message says `after_sequence=N` and ErrorInfo metadata `last_sequence` holds N: reconnect
         with it); UNAVAILABLE when the control service shuts down (reconnect with your last sequence).
+        """
+
+    @_abc_1.abstractmethod
+    def FindSimilarImages(
+        self,
+        request: _training_session_service_pb2.FindSimilarImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_session_service_pb2.FindSimilarImagesResponse, _abc.Awaitable[_training_session_service_pb2.FindSimilarImagesResponse]]:
+        """The `k` trained images most similar to a query, nearest first, by cosine distance between
+        embeddings (0: same direction, 2: opposite; every stored embedding is L2-normalised). The query
+        is an image already trained (`path`: its stored embedding; the image itself is left out of the
+        results) or a vector the caller made with the same model (`vector`, e.g. a text encoder's
+        output for a text search; normalised here). The scope is one session's completed images, or
+        every trained image when `session` is empty. One search never mixes two models: every image in
+        scope must have been trained by one trainer (name, version and model digest).
+        Exact on every PostgreSQL; where the pgvector extension is installed the distances are computed
+        by it, and an HNSW index is used for searches over every image (`exact` false in the response).
+        Limits: `k` 1..1000 (default 10); a vector of at most 4096 finite values, not all zero.
+        Errors: INVALID_ARGUMENT (malformed session name or path, a path outside the library roots, k
+        out of range, a vector of the wrong dimension or not finite or zero, neither or both of path
+        and vector); NOT_FOUND (the session, or `path` is not a trained image in scope);
+        FAILED_PRECONDITION (+PreconditionFailure: `EMBEDDING` when no image in scope has an embedding,
+        e.g. the trainer makes none; `MIXED_MODELS` when images in scope were trained by different
+        trainers: RestartSession with RESTART_SCOPE_ALL retrains the stale ones).
         """
 
 def add_TrainingSessionServiceServicer_to_server(servicer: TrainingSessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -418,3 +418,39 @@ async def test_the_root_is_offered_counted_and_trained_with_its_subfolders(
         s["path"]: (int(s.get("image_count", 0)), int(s.get("trained_count", 0))) for s in session["subdirectories"]
     }
     assert counts == {str(library): (5, 5), str(library / "sub"): (2, 2)}
+
+
+async def test_similar_lists_the_nearest_images(
+    control: str, clean_db: Database, make_settings: Callable[..., Settings], library: Path
+) -> None:
+    """`imagetraining similar PATH`: a photo's two copies (half size, re-encoded) come first."""
+    from tests import worker_support as ws
+    from tests.conftest import wait_for
+    from tests.images import photo_image
+
+    for seed in range(3):
+        image = photo_image(160, 120, seed=seed * 7 + 1)
+        (library / "a").mkdir(exist_ok=True)
+        image.save(library / "a" / f"p{seed}.jpg", "JPEG", quality=92)
+        image.resize((80, 60)).save(library / "a" / f"p{seed}_small.jpg", "JPEG", quality=92)
+        image.save(library / "a" / f"p{seed}_q60.jpg", "JPEG", quality=60)
+    handle = await run_worker(make_settings(pool_size=1), migrate=False)
+    try:
+        sid = await ws.start_session(clean_db, library, [library / "a"])
+
+        async def done() -> bool:
+            return await ws.state(clean_db, sid) == "completed"
+
+        await wait_for(done, timeout=60, what="the session to complete")
+    finally:
+        await handle.stop()
+    query = str(library / "a" / "p1.jpg")
+    document = await cli_json(control, "similar", query, "--session", str(sid), "-k", "2")
+    results = document["results"]
+    assert isinstance(results, list)
+    assert {r["path"] for r in results} == {str(library / "a" / "p1_small.jpg"), str(library / "a" / "p1_q60.jpg")}
+    code, out, err = await cli(control, "similar", query, "-k", "2")
+    assert code == 0, err
+    assert "p1_small.jpg" in out and "p1_q60.jpg" in out and "cosine distance, " in out
+    code, _out, err = await cli(control, "similar", str(library / "a" / "missing.jpg"))
+    assert code == 2 and "is not a trained image" in err

@@ -17,8 +17,16 @@ config = context.config
 target_metadata = Base.metadata
 
 
+def _include(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+    """Leave out of autogenerate what is made outside the migrations: the workers' HNSW indexes on
+    embeddings (one per dimension, where pgvector exists; discovery_worker/worker.py)."""
+    return not (type_ == "index" and (name or "").startswith("ix_image_assets_embedding_hnsw_"))
+
+
 def _migrate(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+    context.configure(
+        connection=connection, target_metadata=target_metadata, compare_type=True, include_object=_include
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -15,15 +15,18 @@ from typing import Any
 
 import grpc
 from google.protobuf import message_factory
+from sqlalchemy import text
 
 from control_service.relay import Relay, Snapshot, SnapshotLoader
 from control_service.search import Search
 from control_service.servicer import Admission, Encoder, EventSource, TrainingSessionServicer, watch_response
 from control_service.sessions import SessionUseCases
+from imagetraining import metrics
 from imagetraining.db.engine import Database, resolve_url
 from imagetraining.notifications import listen_forever
 from imagetraining.rpc import ServerHandle, channel_credentials, start_server
 from imagetraining.settings import Settings
+from imagetraining.states import SessionState
 from imagetraining.streaming import WireCache, pass_bytes
 from imagetraining.v1 import training_session_service_pb2 as api
 
@@ -122,6 +125,10 @@ async def serve(
             await db.dispose()
         raise
     listener = None
+    metrics.watch_engines([("writes", lambda: db.engine.pool), ("reads", lambda: db.reads.pool)])
+    if settings.metrics_address:
+        counting = asyncio.create_task(_count_sessions(db, settings.poll_seconds), name="count-sessions")
+        handle.on_shutdown.append(lambda: _cancel(counting))
     if relay is not None:
         live = relay
 
@@ -141,6 +148,28 @@ async def serve(
     return ControlServer(
         handle=handle, db=db, sessions=sessions, owns_db=database is None, relay=relay, listener=listener
     )
+
+
+_SESSIONS_BY_STATE = text("SELECT state, count(*) AS n FROM training_sessions GROUP BY state")
+
+
+async def _count_sessions(db: Database, every: float) -> None:
+    """The sessions-by-state gauge, read every poll (one small aggregate, on the read pool)."""
+    while True:
+        try:
+            async with db.reads.connect() as conn:
+                counts = {str(r.state): int(r.n) for r in await conn.execute(_SESSIONS_BY_STATE)}
+            for state in SessionState:
+                metrics.SESSIONS.labels(state=state.value).set(counts.get(state.value, 0))
+        except Exception as exc:  # database away: the gauge keeps its last values; the error is counted
+            metrics.database_error(exc)
+        await asyncio.sleep(max(every, 1.0))
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def tune_gc() -> None:

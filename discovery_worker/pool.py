@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from discovery_worker.hashing import ImageResult, configure_pillow, process_batch
 from discovery_worker.trainer import Provenance, load_trainer
+from imagetraining import metrics
 
 if TYPE_CHECKING:
     from discovery_worker.trainer import Trainer
@@ -297,6 +298,7 @@ class TrainingPool:
             await asyncio.to_thread(_shutdown, gen, 0.0)
             raise PoolClosedError("the training pool is closed")
         self.generations += 1
+        metrics.POOL_STARTS.inc()
         self._gen = gen
         return gen
 
@@ -448,6 +450,7 @@ class TrainingPool:
     async def _replace(self, gen: _Generation) -> None:
         if self._gen is gen:
             self.crashes += 1
+            metrics.POOL_CRASHES.inc()
             log.warning("training pool: a process died; replacing the pool (generation %d)", gen.number)
         await self._generation(replace=gen)
 

@@ -30,7 +30,7 @@ from discovery_worker.faultpoints import fault_point
 from discovery_worker.library import Anchor, Anchors, initial_anchors
 from discovery_worker.plan import Plan
 from discovery_worker.walker import WalkBatch
-from imagetraining import transitions
+from imagetraining import metrics, transitions
 from imagetraining.walk import FoundFile
 
 
@@ -309,6 +309,7 @@ async def write_batch(
         row = dict(committed.mappings().one())
         fault_point("discovery_batch_before_commit")
     fault_point("discovery_batch_after_commit")
+    metrics.FILES_DISCOVERED.inc(len(files) + sum(count for _first, count in batch.skipped))
     ctx.progress(row)
     totals.new += kinds["new"]
     totals.changed += kinds["changed"]

@@ -37,6 +37,7 @@ from discovery_worker.discovery import run_discovery
 from discovery_worker.faultpoints import fault_point
 from discovery_worker.library import LibraryOffline
 from discovery_worker.training import TrainingRun
+from imagetraining import metrics
 from imagetraining.db import faults
 from imagetraining.logs import session_name
 from imagetraining.names import session_name as name_of
@@ -124,10 +125,12 @@ class SessionRunner:
             try:
                 alive = await claims.heartbeat(self.worker.db, self.claim, settings.lease_seconds)
             except Exception as exc:  # database away: keep trying; the lease lapses if it stays away
+                metrics.database_error(exc)
                 self._hb_warnings.warn("%s: heartbeat failed: %s", self.name, faults.describe(exc))
                 continue
             self._hb_warnings.clear()
             if not alive:
+                metrics.LEASE_LOSSES.labels(lease="session").inc()
                 self.stop.set("lease lost")
                 return
 

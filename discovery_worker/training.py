@@ -51,7 +51,7 @@ from discovery_worker.library import SUSPECT_ERROR_CLASSES, Anchor, Anchors
 from discovery_worker.plan import Plan, load_plan, nested_ids
 from discovery_worker.pool import TrainingPool
 from discovery_worker.trainer import Provenance
-from imagetraining import transitions
+from imagetraining import metrics, transitions
 from imagetraining.duplicates import Label, Trained, resolve
 from imagetraining.notifications import notify
 
@@ -285,6 +285,7 @@ class TrainingRun:
             )
         chunk = Chunk(token, jobs)
         self._held[token] = chunk
+        metrics.CHUNK_CLAIMS.labels(role="owner" if self.owner else "helper").inc()
         return chunk
 
     async def _heartbeat(self) -> None:
@@ -342,6 +343,7 @@ class TrainingRun:
         try:
             row = await self._commit(chunk, results, seconds)
         except _ChunkLost:
+            metrics.LEASE_LOSSES.labels(lease="chunk").inc()
             self._held.pop(chunk.token, None)
             log.warning(
                 "session %d: a chunk of %d images was taken back (its lease lapsed); nothing of it written",
@@ -352,6 +354,9 @@ class TrainingRun:
         fault_point("training_chunk_after_commit")
         self._held.pop(chunk.token, None)
         self.images_written += len(chunk.jobs)
+        completed = sum(1 for job in chunk.jobs if results[job.job_id].ok and results[job.job_id].perceptual_hash)
+        metrics.IMAGES.labels(outcome="completed").inc(completed)
+        metrics.IMAGES.labels(outcome="failed").inc(len(chunk.jobs) - completed)
         self.ctx.progress(row)
 
     async def _commit(self, chunk: Chunk, results: dict[int, ImageResult], seconds: float) -> dict[str, Any]:
@@ -451,6 +456,8 @@ class TrainingRun:
             out = await self._commit_finish(changes)
         except _NotFinished:  # a job became pending again meanwhile: labels are decided next time
             return None
+        # Duplicates skipped now were counted as completed when their chunk was written.
+        metrics.IMAGES.labels(outcome="skipped").inc(sum(1 for _j, label in changes if label.state == "skipped"))
         self.ctx.state(out)
         return out
 

@@ -29,6 +29,7 @@ from discovery_worker.claims import Claim, RunObserver
 from discovery_worker.helpers import Helper
 from discovery_worker.pool import TrainingPool
 from discovery_worker.runner import SessionRunner, ThrottledLog
+from imagetraining import metrics
 from imagetraining.db import faults
 from imagetraining.db.engine import Database, to_libpq_url
 from imagetraining.notifications import listen_forever
@@ -226,6 +227,7 @@ class Worker:
                 claim.epoch,
                 claim.attempts,
             )
+            metrics.SESSION_CLAIMS.labels(kind="new" if claim.attempts <= 1 else "takeover").inc()
             runner = SessionRunner(self, claim)
             self.runners[claim.session_id] = runner
             task = asyncio.create_task(runner.run(), name=f"session-{claim.session_id}")
@@ -359,6 +361,7 @@ async def run_worker(
         await pool.close()
         await db.dispose()
         raise
+    metrics.watch_engines([("writes", lambda: db.engine.pool), ("reads", lambda: db.reads.pool)])
     worker = Worker(settings, db, pool, address=advertised_address(settings, server.port), observe=observe)
     if streams is not None:
 

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from typing import NoReturn
 
+from imagetraining import metrics
 from imagetraining.errors import ResourceExhausted
 from imagetraining.v1 import resources_pb2 as pb
 
@@ -65,9 +66,11 @@ class SubscriberBudget:
         if self.count >= self.limit:
             self._refuse()
         self.count += 1
+        metrics.WATCH_SUBSCRIBERS.set(self.count)
 
     def _refuse(self) -> NoReturn:
         self.refused += 1
+        metrics.WATCH_EVICTIONS.labels(reason="cap").inc()
         now = time.monotonic()
         if now >= self._next_warning:
             self._next_warning = now + REFUSAL_WARN_EVERY_SECONDS
@@ -86,6 +89,7 @@ class SubscriberBudget:
 
     def release(self) -> None:
         self.count = max(0, self.count - 1)
+        metrics.WATCH_SUBSCRIBERS.set(self.count)
 
 
 class Subscription:

@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from imagetraining import metrics
 from imagetraining.db import faults
 from imagetraining.errors import (
     Aborted,
@@ -219,6 +220,11 @@ class _Call:
             fields["messages"] = self.messages
         args = (_short(self.method), self.session or "-", self.code, elapsed, sent)
         access_log.log(level, "%s %s %s %.1f ms%s", *args, extra=fields)
+        method = _short(self.method)
+        metrics.RPC_REQUESTS.labels(method=method, code=self.code).inc()
+        metrics.RPC_DURATION.labels(method=method).observe(elapsed / 1000.0)
+        if self.messages and method == "WatchSession":
+            metrics.WATCH_MESSAGES.inc(self.messages)
         with contextlib.suppress(ValueError):  # a stream closed from another task: another context
             if self.session_token is not None:
                 session_name.reset(self.session_token)

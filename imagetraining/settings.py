@@ -40,6 +40,8 @@ class Settings:
     log_level: str = "INFO"
     # "text" (readable lines) or "json" (one object per line: imagetraining.logs.JsonFormatter).
     log_format: str = "text"
+    # Prometheus /metrics (imagetraining/metrics.py); None: not served.
+    metrics_address: str | None = None
     # Limits of ScanDirectory / ValidateSession counting.
     scan_max_files: int = 200_000
     scan_max_seconds: float = 10.0
@@ -98,6 +100,7 @@ class Settings:
             worker_advertise_address=p.optional_address("IMAGETRAINING_WORKER_ADVERTISE_ADDRESS"),
             log_level=p.choice("IMAGETRAINING_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=_log_format(p),
+            metrics_address=p.optional_address("IMAGETRAINING_METRICS_ADDRESS"),
             scan_max_files=p.integer("IMAGETRAINING_SCAN_MAX_FILES", 200_000, 1, 10_000_000),
             scan_max_seconds=p.number("IMAGETRAINING_SCAN_MAX_SECONDS", 10.0, 0.1, 300.0),
             worker_id=env.get("IMAGETRAINING_WORKER_ID") or None,

@@ -99,6 +99,15 @@ def run_service(
     except SettingsError as err:
         return fail(err)
     configure_logging(settings.log_level, settings.log_format)
+    if settings.metrics_address:
+        from imagetraining import metrics
+
+        try:
+            metrics.serve(settings.metrics_address)
+        except OSError as exc:
+            return fail(
+                SettingsError("IMAGETRAINING_METRICS_ADDRESS", f"cannot listen on {settings.metrics_address}: {exc}")
+            )
     if prepare is not None:
         prepare()
     try:

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from imagetraining import metrics
 from imagetraining.errors import ResourceExhausted
 from imagetraining.fanout import Evicted, Subscription
 from imagetraining.v1 import resources_pb2 as pb
@@ -30,6 +31,7 @@ WATCHDOG_MAX_PERIOD = 1.0
 
 
 def evicted_error(last_sequence: int, why: str) -> ResourceExhausted:
+    metrics.WATCH_EVICTIONS.labels(reason="idle").inc()
     return ResourceExhausted(
         f"subscriber too slow ({why}): reconnect with after_sequence={last_sequence}",
         metadata={"last_sequence": str(last_sequence)},

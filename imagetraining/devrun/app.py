@@ -59,6 +59,15 @@ def load_settings(env: dict[str, str]) -> tuple[Settings, Path | None]:
     return settings, demo
 
 
+def child_env(env: dict[str, str], module: str, settings: Settings) -> dict[str, str]:
+    """The environment of one child: the worker serves its metrics on the port after the control
+    service's (IMAGETRAINING_METRICS_ADDRESS names the control service's), so both can be on."""
+    if module != "discovery_worker" or not settings.metrics_address:
+        return env
+    host, _, port = settings.metrics_address.rpartition(":")
+    return {**env, "IMAGETRAINING_METRICS_ADDRESS": f"{host}:{int(port) + 1 if int(port) else 0}"}
+
+
 def dial_address(listen: str) -> str:
     """Where a local client reaches a server listening on `listen` (wildcards -> loopback)."""
     host, _, port = listen.rpartition(":")
@@ -142,7 +151,7 @@ async def run(ready_timeout: float) -> int:
         return 0
 
     for child in children:
-        await child.start(env)
+        await child.start(child_env(env, child.module, settings))
     exits = {asyncio.create_task(child.wait()): child for child in children}
     stop_task = asyncio.create_task(stop.wait())
     ready = asyncio.create_task(wait_until_serving(children, settings, time.monotonic() + ready_timeout))

@@ -217,3 +217,15 @@ def test_worker_with_a_trainer_that_cannot_be_loaded_names_it(db_url: str, libra
     code, err = run("discovery_worker", env)
     assert code == 2, err
     assert "no_such_module" in one_line_naming(err, "IMAGETRAINING_TRAINER")
+
+
+@pytest.mark.parametrize("module", SERVICES)
+@pytest.mark.parametrize("value", ["taken", "nine-four-six-four", "127.0.0.1:99999"])
+def test_a_metrics_address_that_cannot_serve_is_one_line_naming_it(
+    module: str, value: str, db_url: str, library: Path, taken_port: int
+) -> None:
+    address = f"127.0.0.1:{taken_port}" if value == "taken" else value
+    code, err = run(module, service_env(db_url, library, IMAGETRAINING_METRICS_ADDRESS=address))
+    assert code == 2, err
+    line = one_line_naming(err, "IMAGETRAINING_METRICS_ADDRESS")
+    assert address in line

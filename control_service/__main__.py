@@ -37,7 +37,7 @@ async def run(settings: Settings) -> None:
 
 
 def main() -> int:
-    return startup.run_service(run, prepare=tune_gc)
+    return startup.run_service(run, prepare=tune_gc, service="imagetraining-control")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ async def _main(settings: Settings) -> None:
 
 
 def main() -> int:
-    return startup.run_service(_main, validate=Settings.validate_worker)
+    return startup.run_service(_main, validate=Settings.validate_worker, service="imagetraining-worker")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from discovery_worker.discovery import run_discovery
 from discovery_worker.faultpoints import fault_point
 from discovery_worker.library import LibraryOffline
 from discovery_worker.training import TrainingRun
-from imagetraining import metrics
+from imagetraining import metrics, tracing
 from imagetraining.db import faults
 from imagetraining.logs import session_name
 from imagetraining.names import session_name as name_of
@@ -167,7 +167,15 @@ class SessionRunner:
         ]
         try:
             fault_point("after_claim")
-            await self._run_phases(started)
+            with tracing.session_span(
+                "session.run",
+                str(self.claim.row.get("trace_context") or ""),
+                **{
+                    "imagetraining.session": name_of(self.claim.session_id),
+                    "imagetraining.attempt": self.claim.attempts,
+                },
+            ):
+                await self._run_phases(started)
         except FenceLost:
             try:
                 _owned, why = await claims.still_owned(self.worker.db, self.claim)
@@ -231,7 +239,8 @@ class SessionRunner:
             self.stop.set(state)
             return True
         if state == "discovering":
-            result, total, totals, last = await run_discovery(self.ctx)
+            with tracing.tracer.start_as_current_span("session.discovery"):
+                result, total, totals, last = await run_discovery(self.ctx)
             if result == "stopped":
                 return True
             counts = (
@@ -256,12 +265,13 @@ class SessionRunner:
             )
             return False
         settings = self.worker.settings
-        final = await TrainingRun(
-            self.ctx,
-            self.worker.pool,
-            lease_seconds=settings.lease_seconds,
-            heartbeat_seconds=settings.heartbeat_seconds,
-        ).run()
+        with tracing.tracer.start_as_current_span("session.training"):
+            final = await TrainingRun(
+                self.ctx,
+                self.worker.pool,
+                lease_seconds=settings.lease_seconds,
+                heartbeat_seconds=settings.heartbeat_seconds,
+            ).run()
         if final is None:
             return True
         self._hand_back_at_end = False

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from imagetraining import tracing
 from imagetraining.db import faults
 from imagetraining.db.engine import Database, DatabaseUnreachable, resolve_url, wait_for_database
 from imagetraining.db.migrate import upgrade
@@ -86,6 +87,7 @@ def run_service(
     *,
     validate: Callable[[Settings], None] | None = None,
     prepare: Callable[[], None] | None = None,
+    service: str = "imagetraining",
 ) -> int:
     """Parse the settings, run `main` until it returns; a SettingsError at any point is one line and status 2.
 
@@ -108,6 +110,10 @@ def run_service(
             return fail(
                 SettingsError("IMAGETRAINING_METRICS_ADDRESS", f"cannot listen on {settings.metrics_address}: {exc}")
             )
+    try:
+        tracing.configure(service)  # off unless OTEL_* variables configure an exporter
+    except ValueError as exc:
+        return fail(SettingsError("OTEL_TRACES_EXPORTER", str(exc)))
     if prepare is not None:
         prepare()
     try:

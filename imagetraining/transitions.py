@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from sqlalchemy import TextClause, text
 
 from imagetraining.states import ACTIVE_STATES, SessionState
+from imagetraining.tracing import traceparent
 
 S = SessionState
 
@@ -92,13 +93,14 @@ class Transition:
         return text(
             f"""
             UPDATE training_sessions
-               SET {self.assignments}, {ANNOUNCE}
+               SET {self.assignments}, trace_context = :trace_context, {ANNOUNCE}
              WHERE id = :id AND state = ANY(:allowed) {guard}
             RETURNING *"""
         )
 
     def params(self, session_id: int) -> dict[str, object]:
-        return {"id": session_id, "allowed": [s.value for s in self.source]}
+        """Binds :id, :allowed and the caller's trace context (imagetraining/tracing.py; '' when untraced)."""
+        return {"id": session_id, "allowed": [s.value for s in self.source], "trace_context": traceparent()}
 
 
 # The session stops training (pause, cancel, library offline): the chunks workers hold go back to

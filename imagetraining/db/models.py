@@ -108,6 +108,8 @@ class TrainingSession(Base):
     trainer_version: Mapped[str | None] = mapped_column(String(100))
     model_digest: Mapped[str | None] = mapped_column(String(64))
     embedding_dimension: Mapped[int] = mapped_column(Integer, server_default="0")
+    # W3C traceparent of the latest client transition ('' when untraced): the worker's run joins it.
+    trace_context: Mapped[str] = mapped_column(String(64), server_default="")
 
     # Lease / fencing (written by workers; see discovery_worker.claims).
     owner_id: Mapped[str | None] = mapped_column(String(200))

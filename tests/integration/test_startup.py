@@ -229,3 +229,10 @@ def test_a_metrics_address_that_cannot_serve_is_one_line_naming_it(
     assert code == 2, err
     line = one_line_naming(err, "IMAGETRAINING_METRICS_ADDRESS")
     assert address in line
+
+
+@pytest.mark.parametrize("module", SERVICES)
+def test_an_unknown_trace_exporter_is_one_line_naming_it(module: str, db_url: str, library: Path) -> None:
+    code, err = run(module, service_env(db_url, library, OTEL_TRACES_EXPORTER="zipkin"))
+    assert code == 2, err
+    assert "'zipkin'" in one_line_naming(err, "OTEL_TRACES_EXPORTER")

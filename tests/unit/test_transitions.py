@@ -51,7 +51,9 @@ def test_client_transitions_set_their_target_and_announce() -> None:
         assert "state = ANY(:allowed)" in sql
         for target in tr.targets:
             assert f"'{target.value}'" in sql or "resume_state" in sql, (tr.call, target)
-        assert tr.params(7) == {"id": 7, "allowed": [s.value for s in tr.source]}
+        # The caller's trace context ('' when untraced) goes with every client transition.
+        assert "trace_context = :trace_context" in sql
+        assert tr.params(7) == {"id": 7, "allowed": [s.value for s in tr.source], "trace_context": ""}
 
 
 def test_state_changes_announce_and_release_the_worker_once_each() -> None:

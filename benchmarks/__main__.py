@@ -10,7 +10,10 @@ every figure (with the per-repeat samples and the machine) as JSON. Nothing is a
     python -m benchmarks --cases 1,3 --repeat 5 --json /tmp/out.json --database-url postgresql://...
 
 Cases: 1 StartSession latency, 2 GetSession under load, 3 discovery throughput, 4 rescan,
-5 training throughput, 6 progress delivery, 7 end to end, 8 one session over many workers. The
+5 training throughput, 6 progress delivery, 7 end to end, 8 one session over many workers, 9 similarity
+search (benchmarks/search_bench.py: a second database on an embedded pgserver, for pgvector), 10
+the ONNX embedding trainer (benchmarks/onnx_bench.py: a ViT-B/32-shaped model built at run time,
+--quick with 2 of its 12 blocks; no database, no service). The
 database: --database-url, else DATABASE_URL, else postgresql://postgres@127.0.0.1:5432/postgres when
 reachable, else the embedded pgserver; a database `imagetraining_bench_<pid>` is created on it and
 dropped at the end (case 8 makes a second one, in turn, for its own workers).
@@ -32,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import cases as c  # noqa: E402
 from benchmarks import harness as h  # noqa: E402
-from benchmarks import hashing_bench, many_workers  # noqa: E402
+from benchmarks import hashing_bench, many_workers, onnx_bench, search_bench  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "latest.json"
 
@@ -40,7 +43,7 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "latest.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and 2 repeats (CI smoke run)")
-    parser.add_argument("--cases", default="1,2,3,4,5,6,7,8", help="comma-separated case numbers (default: all)")
+    parser.add_argument("--cases", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated case numbers (default: all)")
     parser.add_argument("--repeat", type=int, default=None, help="repeats per case (default 2 quick, 3 full)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the figures ({DEFAULT_JSON})")
     parser.add_argument("--database-url", default=None, help="PostgreSQL server to create the benchmark database on")
@@ -106,7 +109,18 @@ async def main(args: argparse.Namespace) -> int:
             rows = (
                 [r for r in rows if not r.case.startswith("8 ")] + case8 + [r for r in rows if r.case.startswith("8 ")]
             )
-    rows.sort(key=lambda r: r.case.split()[0])
+        if 9 in selected:
+            vectors, queries = (5_000, 20) if args.quick else (100_000, 200)
+            h.log(f"case 9: similarity search over {vectors:,} vectors of {search_bench.DIMENSION}, {queries} queries")
+            case9, raw["case9"] = await search_bench.run_case(
+                vectors, queries, sizes.repeats, server, scratch, budget=20 if args.quick else 60
+            )
+            rows += case9
+        if 10 in selected:
+            h.log("case 10: ONNX embedding trainer (ViT-B/32-shaped model built now): pipeline vs onnxruntime alone")
+            case10, raw["case10"] = await onnx_bench.run_case(args.quick, args.repeat, scratch)
+            rows += case10
+    rows.sort(key=lambda r: int(r.case.split()[0]))  # numerically: 10 after 9
     elapsed = time.perf_counter() - started
     command = "python -m benchmarks" + (" --quick" if args.quick else "")
     print()

@@ -51,21 +51,24 @@ class DatabaseFactory:
     """Fresh databases cloned from one migrated template (`CREATE DATABASE ... TEMPLATE`).
 
     Every test gets a database of its own, so no test can see another's rows, whatever tables a
-    migration adds. A clone costs about 50 ms on an idle server, and a drop as much plus a forced
-    checkpoint (seconds while the server is busy writing). So clones are made AHEAD on one thread
-    and used ones dropped BEHIND on another: a test waits for neither, and never for a drop.
+    migration adds. A clone costs about 50 ms on an idle server and is made AHEAD on a thread of its
+    own while tests run. A drop forces a checkpoint, which slowed the clones made meanwhile (setups
+    of 0.5-1 s), so the used databases are all dropped at the end of the test session instead (a few
+    seconds; a crashed run leaves them to `DROP DATABASE` by their `imagetraining_test_` prefix).
     """
 
     AHEAD = 2
 
-    def __init__(self, server_url: str) -> None:
+    def __init__(self, server_url: str, *, drop: bool = True) -> None:
         self.admin_url = server_url.replace("postgresql+asyncpg://", "postgresql://")
         self.server_url = server_url
         self.prefix = f"imagetraining_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         self.template = f"{self.prefix}_template"
         self.count = 0
         self.cloner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-db-clone")
-        self.dropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-db-drop")
+        self.used: list[str] = []
+        # False for a server of the test session's own (the embedded one): it goes with its directory.
+        self.drop = drop
         self._admin(f'CREATE DATABASE "{self.template}"')
         asyncio.run(self._migrate(with_database(server_url, self.template)))
         self.ready: deque[Future[str]] = deque(self.cloner.submit(self._clone) for _ in range(self.AHEAD))
@@ -102,21 +105,24 @@ class DatabaseFactory:
         return with_database(self.server_url, name)
 
     def give_back(self, url: str) -> None:
-        """Drop a used database behind the test (FORCE: a crashed test's connections do not hold it)."""
+        """A used database, dropped at the end (`close`)."""
         name = make_url(to_asyncpg_url(url)).database
-        self.dropper.submit(self._admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if name:
+            self.used.append(name)
 
     def close(self) -> None:
         spares = [f.result() for f in self.ready]
         self.cloner.shutdown()
-        drops = [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in spares]
-        self.dropper.submit(self._admin, *drops, f'DROP DATABASE IF EXISTS "{self.template}" WITH (FORCE)').result()
-        self.dropper.shutdown()
+        if not self.drop:
+            return
+        # FORCE: connections a crashed test left behind do not hold a database.
+        names = [*self.used, *spares, self.template]
+        self._admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names))
 
 
 @pytest.fixture(scope="session")
 def databases(server_url: str) -> Iterator[DatabaseFactory]:
-    factory = DatabaseFactory(server_url)
+    factory = DatabaseFactory(server_url, drop=bool(os.environ.get("IMAGETRAINING_TEST_DATABASE_URL")))
     yield factory
     factory.close()
 

@@ -57,6 +57,9 @@ PER_FOLDER = 50
 WORKER_IDS = ("bench-w1", "bench-w2")
 FINISHED = ("completed", "failed", "cancelled")
 # What DefaultTrainer stores per image (its shape and about its size), for the synthetic asset write.
+# What the default trainer writes with each asset: its provenance and a 24-value embedding.
+TRAINER = {"trainer_name": "default-colour-stats", "trainer_version": "2", "model_digest": ""}
+EMBEDDING = "{" + ",".join(["0.2041241"] * 24) + "}"
 FEATURES = json.dumps(
     {
         "mean_rgb": [121.53, 118.02, 117.61],
@@ -353,6 +356,7 @@ async def chunk_statement_times(url: str, jobs: int, chunk: int, chunks: int, re
                                 "worker": "bench-synthetic",
                                 "lease": 30.0,
                                 "algorithm": HASH_ALGORITHM,
+                                **TRAINER,
                             },
                         )
                     ).all()
@@ -380,8 +384,10 @@ async def chunk_statement_times(url: str, jobs: int, chunk: int, chunks: int, re
                             "heights": [3000] * n,
                             "formats": ["JPEG"] * n,
                             "features": [FEATURES] * n,
+                            "embeddings": [EMBEDDING] * n,
                             "sizes": [3500000] * n,
                             "mtimes": [1] * n,
+                            **TRAINER,
                         },
                     )
                     await conn.execute(

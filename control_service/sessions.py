@@ -170,7 +170,12 @@ class SessionUseCases:
         """GetSession: the session with its subdirectories and progress, the configured trainer and
         how many of its images that trainer would retrain."""
         async with self.db.reads.connect() as conn:
-            session = await self._proto(conn, await self._row(conn, session_id))
+            row = await self._row(conn, session_id)
+            session = await self._proto(conn, row)
+            if SessionState(row["state"]) in ACTIVE_STATES:
+                # Counted between runs only: during one it moves with every chunk, and the count
+                # (a join over the session's jobs) made GetSession take seconds under load (case 2).
+                return session
             configured = (await conn.execute(_CONFIGURED_TRAINER)).mappings().first()
             if configured is not None:
                 session.configured_trainer.CopyFrom(convert.trainer_to_proto(configured))

@@ -234,6 +234,8 @@ class TrainingRun:
                 )
                 if stamped.first() is None:
                     raise FenceLost
+                # Helpers look for sessions stamped with their trainer: wake them now, not at their poll.
+                await notify(conn, sid)
         self._plan = await load_plan(self.ctx)
         self._nested = nested_ids(self._plan.subdirectories)
         async with self.ctx.db.engine.connect() as conn:

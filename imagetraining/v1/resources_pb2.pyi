@@ -414,8 +414,8 @@ class Session(_message.Message):
     stale_images: _builtins.int
     """Trained images of the session whose features and embedding were made by another trainer than
     `configured_trainer`: RestartSession with scope ALL retrains exactly these (every other image's
-    stored result is kept, without decoding it again). Counted by GetSession only (0 in
-    ListSessions and in stream snapshots).
+    stored result is kept, without decoding it again). Counted by GetSession only, and only while
+    the session is not DISCOVERING or RUNNING (0 then, in ListSessions and in stream snapshots).
     """
     @_builtins.property
     def config(self) -> Global___SessionConfig: ...

@@ -24,8 +24,8 @@ after a few untimed calls:
 2. exact, pgvector, (b), session scope (a session's search never uses the index);
 3. exact, pgvector, (b), every image, before the index exists;
 4. HNSW, (b), every image, after building `ix_image_assets_embedding_hnsw_512` as the worker
-   does (`CREATE INDEX CONCURRENTLY ... USING hnsw ... WHERE cardinality(embedding) = 512`, the
-   server's own maintenance_work_mem), whose build time is reported.
+   does (`imagetraining.vectors.build_hnsw_index`: `CREATE INDEX CONCURRENTLY ... USING hnsw ...
+   WHERE cardinality(embedding) = 512` with maintenance_work_mem 512 MB), whose build time is reported.
 
 Reported: p50 and p99 of each (medians over repeats), each p50 against mode 1's, recall@10 of mode
 4 against mode 2 (the share of the exact ten the index returned, over all queries), and whether
@@ -50,11 +50,12 @@ from sqlalchemy import text
 
 from benchmarks import harness as h
 from control_service import search as search_sql
-from control_service.search import HNSW_EF_SEARCH, HNSW_INDEX, Search
+from control_service.search import Search
 from discovery_worker.hashing import HASH_ALGORITHM
 from imagetraining.db import engine as db_engine
 from imagetraining.db.engine import Database, start_embedded, to_libpq_url
 from imagetraining.v1 import training_session_service_pb2 as api
+from imagetraining.vectors import build_hnsw_index, hnsw_ef_search, hnsw_index_name
 
 CASE = "9 Similarity search"
 DIMENSION = 512
@@ -63,7 +64,7 @@ CHUNK = 5_000  # vectors generated and copied at a time (5,000 x 512 float4 = 10
 WARMUP = 3
 MIN_QUERIES = 10
 PART_QUERIES = 20  # queries for the statements timed alone
-WIDER_EF = (100, 400)  # hnsw.ef_search values whose recall is measured besides what Search sets (HNSW_EF_SEARCH)
+WIDER_EF = (100, 400)  # hnsw.ef_search values whose recall is measured besides what Search sets (hnsw_ef_search)
 DATA_SEED = 913
 QUERY_SEED = 1913
 TRAINER = ("bench-encoder", "1.0", "b" * 64)
@@ -184,8 +185,8 @@ async def timed_pass(
 
 
 async def build_index(url: str) -> dict[str, Any]:
-    """The worker's statement (discovery_worker/worker.py `_index_embeddings`), timed, with its notices."""
-    name = HNSW_INDEX.format(dimension=DIMENSION)
+    """The worker's build (imagetraining/vectors.py `build_hnsw_index`), timed, with its notices."""
+    name = hnsw_index_name(DIMENSION)
     notices: list[str] = []
     conn = await asyncpg.connect(url)
     try:
@@ -194,14 +195,11 @@ async def build_index(url: str) -> dict[str, Any]:
             s: await conn.fetchval(f"SHOW {s}")
             for s in ("maintenance_work_mem", "max_parallel_maintenance_workers", "shared_buffers")
         }
-        await conn.execute("SET lock_timeout = 0")
         t0 = time.perf_counter()
-        await conn.execute(
-            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON image_assets"
-            f" USING hnsw ((CAST(embedding AS vector({DIMENSION}))) vector_cosine_ops)"
-            f" WHERE cardinality(embedding) = {DIMENSION}"
-        )
+        built = await build_hnsw_index(conn, DIMENSION)  # the worker's own call: its statement and settings
         seconds = time.perf_counter() - t0
+        assert built, f"{name} was not built: no pgvector, or it exists already"
+        settings["maintenance_work_mem (build)"] = await conn.fetchval("SHOW maintenance_work_mem")
         size = int(await conn.fetchval("SELECT pg_relation_size($1::regclass)", name))
         version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
     finally:
@@ -250,7 +248,7 @@ async def parts(db: Database, sid: int, queries: np.ndarray, hnsw: bool) -> dict
             values = {"id": None, **model, "query": [float(v) for v in q], "exclude": 0, "k": K}
             async with db.engine.begin() as tx:
                 t0 = time.perf_counter()
-                await tx.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {HNSW_EF_SEARCH(K)}")
+                await tx.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {hnsw_ef_search(K)}")
                 (await tx.execute(hnsw_sql, values)).all()
                 out["hnsw_statement"].append((time.perf_counter() - t0) * 1000)
             for ef in WIDER_EF:  # how recall grows with the candidate list (not what Search sets)
@@ -348,7 +346,7 @@ def rows_of(passes: dict[str, list[Pass]], raw: dict[str, Any], vectors: int) ->
         "unnest": f"exact, SQL unnest (PostgreSQL {plain['version'].split()[0]}, no pgvector), session",
         "pgvector_session": f"exact, pgvector {vec['pgvector']} (pgserver {vec['version'].split()[0]}), session",
         "pgvector_all": "exact, pgvector, all images (no index yet)",
-        "hnsw": f"HNSW index (m 16, ef_construction 64, ef_search {HNSW_EF_SEARCH(K)}), all images",
+        "hnsw": f"HNSW index (m 16, ef_construction 64, ef_search {hnsw_ef_search(K)}), all images",
     }
 
     def stat(mode: str, q: float) -> list[float]:
@@ -441,7 +439,7 @@ def rows_of(passes: dict[str, list[Pass]], raw: dict[str, Any], vectors: int) ->
                 f"recall@10, HNSW statement with hnsw.ef_search {ef}",
                 recall(found, truth[0].results),
                 "",
-                note=f"{len(found)} queries; Search sets ef_search {HNSW_EF_SEARCH(K)} for k {K}",
+                note=f"{len(found)} queries; Search sets ef_search {hnsw_ef_search(K)} for k {K}",
             )
         )
     raw["recall_at_10"] = recalls

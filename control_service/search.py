@@ -6,7 +6,7 @@ Every stored embedding is L2-normalised (discovery_worker/hashing.py), so the co
   products of the stored float4 values), ordered, cut at k;
 - where the `vector` extension is installed (migration 0008; the embedded pgserver ships it), by
   pgvector's `<=>` on `embedding::vector(D)`; a search over every image may use the workers' HNSW
-  index of that dimension (`ix_image_assets_embedding_hnsw_D`, discovery_worker/worker.py), and
+  index of that dimension (`ix_image_assets_embedding_hnsw_D`, imagetraining/vectors.py), and
   says so (`exact` false). A session's search stays exact: it filters by the session's jobs, which
   an approximate index would apply after its candidate list and so could return fewer than k.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import posixpath
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import RowMapping, text
@@ -32,19 +31,11 @@ from imagetraining.names import session_name
 from imagetraining.paths import check_form, is_within
 from imagetraining.v1 import resources_pb2 as pb
 from imagetraining.v1 import training_session_service_pb2 as api
+from imagetraining.vectors import Provenance, hnsw_ef_search, hnsw_index_name, valid_index_query
 
 DEFAULT_K = 10
 MAX_K = 1000
 MAX_DIMENSION = 4096
-HNSW_INDEX = "ix_image_assets_embedding_hnsw_{dimension}"
-
-
-def HNSW_EF_SEARCH(k: int) -> int:
-    """Candidates the HNSW index examines for k results: pgvector's default of 40 gave recall@10 of
-    0.05 on 100,000 random 512-d vectors, 400 gave 0.40 (case 9); 1000 is pgvector's maximum."""
-    return max(400, min(1000, 20 * k))
-
-
 # The trainers whose results are in scope (a session's completed images, or every trained image),
 # largest group first. Only the short provenance columns are read: the vectors themselves (kilobytes
 # each, stored out of line) are not, which made this step 0.5 s at 100,000 images (case 9).
@@ -74,7 +65,7 @@ _DIMENSION = text(
 )
 _SESSION_EXISTS = text("SELECT 1 FROM training_sessions WHERE id = :id")
 _HAS_PGVECTOR = text("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
-_HAS_INDEX = text("SELECT 1 FROM pg_indexes WHERE tablename = 'image_assets' AND indexname = :name")
+_HAS_INDEX = text(valid_index_query(":name"))
 
 _SAME_MODEL = (
     "a.trainer_name = :trainer_name AND a.trainer_version = :trainer_version AND a.model_digest = :model_digest"
@@ -112,26 +103,6 @@ def _pgvector(scoped: bool, dimension: int) -> str:
      ORDER BY CAST(a.embedding AS {vector}) <=> CAST(CAST(:query AS real[]) AS {vector})
      LIMIT :k
     """
-
-
-@dataclass(frozen=True, slots=True)
-class Model:
-    trainer_name: str
-    trainer_version: str
-    model_digest: str
-    dimension: int
-
-    def params(self) -> dict[str, object]:
-        return {
-            "trainer_name": self.trainer_name,
-            "trainer_version": self.trainer_version,
-            "model_digest": self.model_digest,
-            "dimension": self.dimension,
-        }
-
-    def describe(self) -> str:
-        digest = f", model {self.model_digest[:12]}" if self.model_digest else ""
-        return f"{self.trainer_name} {self.trainer_version}{digest}"
 
 
 def _invalid(field: str, description: str) -> InvalidArgument:
@@ -200,7 +171,7 @@ class Search:
             exact = True
             if pgvector:
                 if not scoped:
-                    name = HNSW_INDEX.format(dimension=model.dimension)
+                    name = hnsw_index_name(model.dimension)
                     exact = (await conn.execute(_HAS_INDEX, {"name": name})).first() is None
                 sql = _pgvector(scoped, model.dimension)
             else:
@@ -211,20 +182,20 @@ class Search:
         if not exact:
             async with self.db.engine.begin() as tx:
                 # Enough candidates for k results (the default list is 40); for this transaction only.
-                await tx.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {HNSW_EF_SEARCH(k)}")
+                await tx.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {hnsw_ef_search(k)}")
                 rows = (await tx.execute(text(sql), values)).all()
         return api.FindSimilarImagesResponse(
             results=[api.SimilarImage(path=r.path, asset_id=int(r.id), distance=float(r.distance)) for r in rows],
             trainer=pb.Trainer(
-                name=model.trainer_name,
-                version=model.trainer_version,
+                name=model.name,
+                version=model.version,
                 model_digest=model.model_digest,
                 embedding_dimension=model.dimension,
             ),
             exact=exact,
         )
 
-    async def _model(self, conn: AsyncConnection, session_id: int | None) -> Model:
+    async def _model(self, conn: AsyncConnection, session_id: int | None) -> Provenance:
         if session_id is not None:
             if (await conn.execute(_SESSION_EXISTS, {"id": session_id})).first() is None:
                 raise NotFound(session_name(session_id))
@@ -258,10 +229,10 @@ class Search:
                 [PreconditionViolation("MIXED_MODELS", scope, "embeddings of more than one model in scope")],
             )
         g = groups[0]
-        return Model(str(g["trainer_name"]), str(g["trainer_version"]), str(g["model_digest"]), dimension)
+        return Provenance(str(g["trainer_name"]), str(g["trainer_version"]), str(g["model_digest"]), dimension)
 
 
 def _group(g: RowMapping) -> str:
     if g["trainer_name"] is None:
         return "no recorded trainer"
-    return Model(str(g["trainer_name"]), str(g["trainer_version"]), str(g["model_digest"] or ""), 0).describe()
+    return Provenance(str(g["trainer_name"]), str(g["trainer_version"]), str(g["model_digest"] or ""), 0).describe()

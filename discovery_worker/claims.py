@@ -22,10 +22,10 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from discovery_worker.trainer import Provenance
 from imagetraining import transitions
 from imagetraining.db.engine import Database
 from imagetraining.notifications import notify
+from imagetraining.vectors import Provenance
 
 ACTIVE = ("discovering", "running")
 

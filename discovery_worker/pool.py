@@ -50,8 +50,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from discovery_worker.hashing import ImageResult, configure_pillow, process_batch
-from discovery_worker.trainer import Provenance, load_trainer
+from discovery_worker.trainer import load_trainer
 from imagetraining import metrics
+from imagetraining.vectors import Provenance
 
 if TYPE_CHECKING:
     from discovery_worker.trainer import Trainer

@@ -75,24 +75,6 @@ class Trainer(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class Provenance:
-    """Which trainer produced an asset's features and embedding."""
-
-    name: str
-    version: str
-    model_digest: str
-    dimension: int
-
-    @classmethod
-    def of(cls, trainer: Trainer) -> Provenance:
-        return cls(trainer.name, trainer.version, trainer.model_digest, trainer.dimension)
-
-    def describe(self) -> str:
-        digest = f", model {self.model_digest[:12]}" if self.model_digest else ""
-        return f"{self.name} {self.version}{digest}"
-
-
 class OneImageTrainer:
     """A trainer of the first contract (`name`, `train(image, path) -> dict`) as a `Trainer`."""
 

@@ -50,10 +50,10 @@ from discovery_worker.hashing import HASH_ALGORITHM, ImageResult
 from discovery_worker.library import SUSPECT_ERROR_CLASSES, Anchor, Anchors
 from discovery_worker.plan import Plan, load_plan, nested_ids
 from discovery_worker.pool import TrainingPool
-from discovery_worker.trainer import Provenance
 from imagetraining import metrics, transitions
 from imagetraining.duplicates import Label, Trained, resolve
 from imagetraining.notifications import notify
+from imagetraining.vectors import Provenance
 
 log = logging.getLogger(__name__)
 

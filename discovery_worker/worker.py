@@ -34,6 +34,7 @@ from imagetraining.db import faults
 from imagetraining.db.engine import Database, to_libpq_url
 from imagetraining.notifications import listen_forever
 from imagetraining.settings import Settings
+from imagetraining.vectors import build_hnsw_index, hnsw_index_name
 
 log = logging.getLogger(__name__)
 
@@ -151,24 +152,12 @@ class Worker:
         searches over every image (control_service/search.py). Built CONCURRENTLY in the background:
         discovery and training writes go on meanwhile; a failure costs only the index (search is exact
         without it) and is tried again at the next start."""
-        name = f"ix_image_assets_embedding_hnsw_{int(dimension)}"
+        name = hnsw_index_name(dimension)
         try:
             conn = await asyncpg.connect(to_libpq_url(self.db.url), timeout=10)
             try:
-                if await conn.fetchval("SELECT 1 FROM pg_extension WHERE extname = 'vector'") is None:
-                    return
-                if await conn.fetchval("SELECT 1 FROM pg_indexes WHERE indexname = $1", name):
-                    return
-                await conn.execute("SET lock_timeout = 0")
-                # The graph in memory while it is built: with the server's usual 64 MB, 100,000 vectors
-                # of 512 took 20 minutes once the graph spilled (case 9). For this connection only.
-                await conn.execute("SET maintenance_work_mem = '512MB'")
-                await conn.execute(
-                    f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON image_assets"
-                    f" USING hnsw ((CAST(embedding AS vector({int(dimension)}))) vector_cosine_ops)"
-                    f" WHERE cardinality(embedding) = {int(dimension)}"
-                )
-                log.info("worker %s: built the HNSW index %s for similarity search", self.worker_id, name)
+                if await build_hnsw_index(conn, dimension):
+                    log.info("worker %s: built the HNSW index %s for similarity search", self.worker_id, name)
             finally:
                 await conn.close()
         except Exception as exc:

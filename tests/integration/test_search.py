@@ -8,17 +8,20 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import text as sql
 
 from control_service.server import serve
 from discovery_worker.worker import run_worker
-from imagetraining.db.engine import Database
+from imagetraining.db.engine import Database, to_libpq_url
 from imagetraining.settings import Settings
 from imagetraining.v1 import training_session_service_pb2 as api
 from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
+from imagetraining.vectors import build_hnsw_index, hnsw_index_name
 from tests import worker_support as ws
 from tests.conftest import wait_for
 from tests.images import photo_image
@@ -188,3 +191,75 @@ async def test_search_never_mixes_two_models(
         )
     )
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "has an embedding" in details
+
+
+async def test_search_over_every_image_uses_the_workers_index_where_pgvector_is(
+    clean_db: Database, make_settings: Callable[..., Settings], library: Path, stub: Any
+) -> None:
+    """The worker builds the HNSW index search looks for (one name, imagetraining/vectors.py); where
+    it exists, a search over every image uses it (`exact` false) and still finds numpy's answer on a
+    library this small. Without pgvector there is no index and every search is exact."""
+    families = _library(library)
+    await _trained(clean_db, make_settings(pool_size=1), library, [library / "a", library / "b", library / "c"])
+    vectors = await _embeddings(clean_db)
+    async with clean_db.reads.connect() as conn:
+        pgvector = (await conn.exec_driver_sql("SELECT 1 FROM pg_extension WHERE extname = 'vector'")).first()
+
+    async def indexed() -> bool:
+        async with clean_db.reads.connect() as conn:
+            found = await conn.execute(
+                sql("SELECT 1 FROM pg_indexes WHERE indexname = :name"), {"name": hnsw_index_name(24)}
+            )
+            return found.first() is not None
+
+    if pgvector is not None:
+        # _trained stopped the worker; the build it started at start-up has finished or was cut off.
+        handle = await run_worker(make_settings(pool_size=1), migrate=False)
+        try:
+            await wait_for(indexed, timeout=60, what="the worker's HNSW index")
+        finally:
+            await handle.stop()
+    else:
+        assert not await indexed()
+    query = families["p3"][1]
+    response = await stub.FindSimilarImages(api.FindSimilarImagesRequest(path=str(query), k=5))
+    assert response.exact == (pgvector is None)
+    q = vectors[str(query)]
+    truth = sorted((1 - float(q @ v), p) for p, v in vectors.items() if p != str(query))[:5]
+    assert [r.path for r in response.results] == [p for _d, p in truth]
+
+
+async def test_a_failed_index_build_is_neither_used_nor_kept(
+    clean_db: Database, make_settings: Callable[..., Settings], library: Path, stub: Any
+) -> None:
+    """A CONCURRENTLY build that fails or is cut off (a worker stopped mid-build) leaves an invalid
+    index. Search must not call itself approximate because of it, and the next build must replace
+    it; a build in progress elsewhere (the advisory lock held) is left alone."""
+    async with clean_db.reads.connect() as conn:
+        if (await conn.exec_driver_sql("SELECT 1 FROM pg_extension WHERE extname = 'vector'")).first() is None:
+            pytest.skip("this server has no pgvector: there is no index to build (the embedded pass runs this)")
+    families = _library(library)
+    await _trained(clean_db, make_settings(pool_size=1), library, [library / "a", library / "b", library / "c"])
+    name = hnsw_index_name(24)
+    conn = await asyncpg.connect(to_libpq_url(clean_db.url))
+    other = await asyncpg.connect(to_libpq_url(clean_db.url))
+    try:
+        await conn.execute(f"DROP INDEX IF EXISTS {name}")  # whatever the worker built at its start
+        assert await build_hnsw_index(conn, 24)
+        await conn.execute(f"UPDATE pg_index SET indisvalid = false WHERE indexrelid = '{name}'::regclass")
+        request = api.FindSimilarImagesRequest(path=str(families["p1"][0]), k=3)
+        assert (await stub.FindSimilarImages(request)).exact  # the invalid index is not used
+
+        # Another connection building (holding the build lock): no drop, no second build.
+        assert await other.fetchval("SELECT pg_try_advisory_lock(hashtext('imagetraining:' || $1))", name)
+        assert not await build_hnsw_index(conn, 24)
+        assert await conn.fetchval("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = $1::regclass", name)
+        await other.execute("SELECT pg_advisory_unlock_all()")
+
+        assert await build_hnsw_index(conn, 24)  # the leftover dropped and the index built again
+        assert await conn.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = $1::regclass", name)
+        assert not (await stub.FindSimilarImages(request)).exact
+        assert not await build_hnsw_index(conn, 24)  # valid: nothing to do
+    finally:
+        await conn.close()
+        await other.close()

@@ -9,7 +9,7 @@ import pytest
 
 from discovery_worker.hashing import process_batch, process_image
 from discovery_worker.pool import TrainingPool
-from discovery_worker.trainer import Provenance
+from imagetraining.vectors import Provenance
 from tests import images
 from tests.trainers import BatchTrainer, trained_log
 

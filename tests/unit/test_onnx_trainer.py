@@ -22,7 +22,8 @@ from PIL import Image
 
 from discovery_worker.hashing import process_image
 from discovery_worker.onnx_trainer import CLIP_MEAN, CLIP_STD, OnnxTrainer
-from discovery_worker.trainer import Provenance, Trained, checked, load_trainer
+from discovery_worker.trainer import Trained, checked, load_trainer
+from imagetraining.vectors import Provenance
 from tests import images
 from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.onnx_models import SETUP_LOG_VARIABLE, TinyEncoder, build_encoder

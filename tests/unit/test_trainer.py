@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from discovery_worker.trainer import DefaultTrainer, OneImageTrainer, Provenance, Trained, Trainer, load_trainer
+from discovery_worker.trainer import DefaultTrainer, OneImageTrainer, Trained, Trainer, load_trainer
+from imagetraining.vectors import Provenance
 from tests import images
 
 

@@ -362,7 +362,9 @@ async def case2_7_end_to_end(ctx: Context, stub: api_grpc.TrainingSessionService
         h.log(
             f"case 7 repeat {r + 1}: {total:.1f}s (claim {phases['claim'][-1]:.2f}s, discovery "
             f"{phases['discovery'][-1]:.2f}s, training {phases['training'][-1]:.1f}s; processed "
-            f"{row['processed_images']:,}, skipped {row['skipped_images']:,}, failed {row['failed_images']:,}); "
+            f"{row['processed_images']:,}, skipped {row['skipped_images']:,}, failed {row['failed_images']:,}; "
+            f"end_time to the GetSession that saw it {total - since(row['start_time'], row['end_time']):.2f}s, "
+            f"that call {loaded[-1]:.1f} ms, slowest call {max(loaded):.1f} ms); "
             f"GetSession p99 idle {idle99[-1]:.2f} ms, loaded {load99[-1]:.2f} ms over {len(loaded)} calls"
         )
         ctx.raw.setdefault("end_to_end", []).append(

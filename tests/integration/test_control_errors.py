@@ -169,3 +169,19 @@ async def test_watch_session_seam_streams_what_the_watcher_yields(
     finally:
         await server.stop()
     assert seen == [(1, 7)]
+
+
+async def test_control_service_plans_every_statement_afresh(
+    clean_db: Database, make_settings: Callable[..., Settings]
+) -> None:
+    """The control service's own connections never reuse a generic plan made while the tables were
+    small: GetSession's stale-image count, planned that way on small sessions, took 2 s on a
+    just-completed 100,000-image session (case 7; imagetraining/db/engine.py)."""
+    server = await serve(make_settings())  # connects as the process does, not with the test's Database
+    try:
+        assert server.db is not clean_db
+        for engine in (server.db.engine, server.db.reads):
+            async with engine.connect() as conn:
+                assert (await conn.execute(text("SHOW plan_cache_mode"))).scalar_one() == "force_custom_plan"
+    finally:
+        await server.stop()

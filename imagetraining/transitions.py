@@ -616,7 +616,9 @@ FINISH = text(
        SET state = CASE WHEN counts.total > 0 AND counts.failed = counts.total THEN 'failed' ELSE 'completed' END,
            state_reason = CASE WHEN counts.total > 0 AND counts.failed = counts.total
                                THEN 'all ' || counts.total || ' images failed: see ListJobs' ELSE '' END,
-           end_time = now(), current_directory = '', {DISOWN}, {ANNOUNCE}
+           -- clock_timestamp(): when the session completes, not when its transaction began (the
+           -- duplicate labels before it may take seconds on a library of copies).
+           end_time = clock_timestamp(), current_directory = '', {DISOWN}, {ANNOUNCE}
       FROM counts
      WHERE id = :id AND counts.pending = 0
     RETURNING training_sessions.*

@@ -32,7 +32,6 @@ import itertools
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,18 +52,13 @@ from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
 from tests.images import Library, build_library, photo_folders, write_jpeg
 from tests.inotify import IN_ACCESS, IN_OPEN, Watch
 from tests.pg_instance import PgInstance
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = (pb.SESSION_STATE_COMPLETED, pb.SESSION_STATE_CANCELLED, pb.SESSION_STATE_FAILED)
 FAULTS = ("kill_worker", "freeze_worker", "restart_control", "restart_database", "library_away", "pause_resume")
 LEASE_SECONDS = 4.0
 SUBSCRIBERS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def say(message: str) -> None:

@@ -40,7 +40,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -49,18 +48,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
+from tests.ports import free_port as _free_port
+
 INITDB_OPTIONS = ("--encoding=utf8", "--no-sync", "-U", "postgres")
 # pg_isready's exit statuses.
 READY, REJECTING, NO_RESPONSE = 0, 1, 2
 _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 # A unix socket path is limited to 107 bytes on Linux; ".s.PGSQL.65535" is 14 of them.
 _MAX_SOCKET_DIR = 90
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:

@@ -25,6 +25,7 @@ from imagetraining.devrun.demo import demo_image_count, ensure_demo_library
 from imagetraining.formats import DEFAULT_EXTENSIONS
 from imagetraining.walk import FoundFile, Walk
 from tests.conftest import PYTHON, ROOT, wait_for
+from tests.ports import free_port
 
 
 def _has_main(package: str) -> bool:
@@ -35,13 +36,6 @@ needs_services = pytest.mark.skipif(
     not (_has_main("control_service") and _has_main("discovery_worker")),
     reason="needs control_service/__main__.py and discovery_worker/__main__.py",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def devrun_env(data_dir: Path, control: int, worker: int, **extra: str) -> dict[str, str]:

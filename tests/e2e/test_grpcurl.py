@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imagetraining.v1 import training_session_service_pb2
 from tests.conftest import PYTHON, ROOT, subprocess_env, wait_for
+from tests.ports import free_port
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 CONTROL = "imagetraining.v1.TrainingSessionService"
@@ -39,13 +39,6 @@ pytestmark = [
 
 def _has_main(package: str) -> bool:
     return (ROOT / package / "__main__.py").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -13,7 +13,6 @@ import asyncio
 import json
 import re
 import signal
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from imagetraining.healthcheck import certificate_names, server_name_for
 from imagetraining.settings import Settings
 from tests.certs import Certs, make_certs
 from tests.conftest import PYTHON, ROOT, subprocess_env, wait_for
+from tests.ports import free_port
 
 TOKEN = "healthcheck-test-token"
 SERVICES = {
@@ -90,13 +90,6 @@ async def run_healthcheck(argv: list[str], env: dict[str, str]) -> Checked:
     _out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return Checked(proc.returncode, err.decode(errors="replace"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def tls_env(db_url: str, library: Path, certs: Certs, data_dir: Path, **extra: str) -> dict[str, str]:

@@ -13,7 +13,6 @@ import itertools
 import os
 import re
 import signal
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from imagetraining.v1 import training_session_service_pb2_grpc as api_grpc
 from tests import worker_support as ws
 from tests.conftest import PYTHON, ROOT, subprocess_env, wait_for
 from tests.images import write_jpeg
+from tests.ports import free_port
 
 # Stated bound for the control process with 200 idle subscribers on one session (see README).
 CONTROL_RSS_LIMIT_MB = 250
@@ -42,12 +42,6 @@ def photos(root: Path, folders: int, per_folder: int) -> list[str]:
         for i in range(per_folder):
             write_jpeg(root / f"album{f:02d}" / f"img{i:04d}.jpg", 24, 24, seed=f * 10_000 + i, quality=70)
     return [str(root / f"album{f:02d}") for f in range(folders)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def assert_consistent(events: list[pb.SessionEvent]) -> None:

@@ -23,18 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import PYTHON, ROOT, subprocess_env, wait_for
 from tests.pg_instance import PgInstance
+from tests.ports import free_port
 
 SERVICES = ("control_service", "discovery_worker")
 ADDRESS_VARIABLE = {
     "control_service": "IMAGETRAINING_CONTROL_ADDRESS",
     "discovery_worker": "IMAGETRAINING_WORKER_ADDRESS",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def service_env(db_url: str, library: Path, **extra: str) -> dict[str, str]:

@@ -111,3 +111,24 @@ async def test_a_helper_with_another_trainer_does_not_train_the_session(
     assert await _provenance(clean_db, library / "a") == {("batch-test", version, 3)}
     row = await ws.session(clean_db, sid)
     assert (row["owner_id"], row["trainer_version"]) == (None, version)
+
+
+async def test_a_helper_joins_when_the_owner_stamps_its_trainer_not_at_its_next_poll(
+    clean_db: Database, make_settings: Callable[..., Settings], library: Path
+) -> None:
+    """Helpers take chunks only of sessions stamped with their trainer, so the owner's stamp must
+    wake them (NOTIFY in the stamp's transaction). With a 10-minute poll, a helper that waited for it
+    would train nothing of a session of a few seconds (case 8 found it: 0 of 40 images)."""
+    for i in range(24):
+        write_jpeg(library / "a" / f"{i:02d}.jpg", 40, 30, seed=i)
+    slow = {"pool_size": 1, "trainer": "tests.trainers:SlowTrainer", "poll_seconds": 600.0}
+    owner = await run_worker(make_settings(**slow, worker_id="owner"), migrate=False)
+    helper = await run_worker(make_settings(**slow, worker_id="helper"), migrate=False)
+    try:
+        sid = await ws.start_session(clean_db, library, [library / "a"])
+        await _finished(clean_db, sid)
+    finally:
+        await helper.stop()
+        await owner.stop()
+    trained_by = [j["trained_by"] for j in await ws.jobs(clean_db, sid)]
+    assert len(trained_by) == 24 and set(trained_by) == {"owner", "helper"}, trained_by

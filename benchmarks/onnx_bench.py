@@ -25,6 +25,11 @@ several times per measurement) and times, for each model (float32, then the int8
               draft), dHash, preprocess, batch, infer, L2-normalise, the round trip to the parent;
               pool start and a warm-up call excluded
 
+Then, in the benchmark's own process, the CPU per image of each step the pipeline adds (read +
+BLAKE2b, the JPEG draft decode, dHash, the trainer's preprocess) on each set, and the floor they put
+under the CPU ratio: (ORT alone's CPU per image + the steps) / ORT alone's. No overlap of decoding
+with inference lowers that floor when every core is inferring (a pool as large as the cores).
+
 Each figure is the median of the repeats; the ratio of a pipeline row is its images/s over ORT
 alone's with the same processes and batch size in the same run (0.87x faster = 1.15x slower = the
 aim's limit). A "CPU per image" row follows each: the pool processes' CPU (from /proc) plus their
@@ -257,6 +262,46 @@ def preprocessed(paths: list[str], model: Path) -> np.ndarray[Any, np.dtype[np.f
     return np.stack(out)
 
 
+def parts(paths: list[str], model: Path, rounds: int = 5) -> dict[str, float]:
+    """CPU milliseconds per image of each step the pipeline adds to inference, in this process (medians
+    over `rounds` passes of `paths`): what no overlap can remove when every core is inferring."""
+    import hashlib
+    import io
+
+    import imagehash
+    from PIL import Image
+
+    from discovery_worker.hashing import DRAFT_SIZE, HASH_SIZE, process_batch
+    from discovery_worker.onnx_trainer import OnnxTrainer
+
+    trainer = OnnxTrainer({"IMAGETRAINING_ONNX_MODEL": str(model)})
+    samples: dict[str, list[float]] = {
+        k: [] for k in ("read + BLAKE2b", "JPEG draft decode", "dHash", "preprocess", "decode step (process_batch)")
+    }
+    for _ in range(rounds):
+        for p in paths:
+            c = time.process_time()
+            with open(p, "rb") as f:
+                data = f.read()
+            hashlib.blake2b(data, digest_size=16).hexdigest()
+            samples["read + BLAKE2b"].append(time.process_time() - c)
+            c = time.process_time()
+            image = Image.open(io.BytesIO(data))
+            image.draft("RGB", (DRAFT_SIZE, DRAFT_SIZE))
+            image.load()
+            samples["JPEG draft decode"].append(time.process_time() - c)
+            c = time.process_time()
+            imagehash.dhash(image, hash_size=HASH_SIZE)
+            samples["dHash"].append(time.process_time() - c)
+            c = time.process_time()
+            trainer.preprocess(image)
+            samples["preprocess"].append(time.process_time() - c)
+            c = time.process_time()
+            process_batch([p], max_file_bytes=MAX_FILE_BYTES, max_image_pixels=MAX_IMAGE_PIXELS)
+            samples["decode step (process_batch)"].append(time.process_time() - c)
+    return {k: round(median(v) * 1000, 2) for k, v in samples.items()}
+
+
 # ---------------------------------------------------------------- measurements (in a subprocess per model)
 
 
@@ -437,6 +482,29 @@ def _variant_rows(label: str, result: dict[str, Any], plan: Plan, batches: tuple
     return rows
 
 
+def _parts_rows(raw: dict[str, Any], label: str, plan: Plan) -> list[Row]:
+    """Each set's steps outside inference, and the best CPU ratio a pipeline can reach with them: ORT's
+    own CPU per image (1 process, batch 1) plus these steps, over ORT's."""
+    ort_cpu = median(raw[label]["ort_cpu_ms"][str(plan.pools[0])][str(plan.batches[0])])
+    rows: list[Row] = []
+    for name, part in raw["parts_ms"].items():
+        own = sum(v for k, v in part.items() if k != "decode step (process_batch)")
+        steps = ", ".join(f"{k} {v:.1f}" for k, v in part.items())
+        rows.append(
+            Row(
+                CASE,
+                f"{label}: {name}: the pipeline's own steps per image (CPU)",
+                own,
+                "ms",
+                baseline="ORT alone CPU, 1 proc., batch 1",
+                baseline_value=ort_cpu,
+                ratio=(ort_cpu + own) / ort_cpu,
+                note=f"{name} ms per image: {steps}; ratio: (ORT + steps) / ORT, the floor of the CPU ratio",
+            )
+        )
+    return rows
+
+
 async def run_case(quick: bool, repeats: int | None, scratch: Path) -> tuple[list[Row], dict[str, Any]]:
     """Case 10 for the suite: the rows and the raw figures (see the module doc)."""
     plan = QUICK if quick else FULL
@@ -468,6 +536,7 @@ async def run_case(quick: bool, repeats: int | None, scratch: Path) -> tuple[lis
     if why_not is None:
         variants.append((f"{shape} int8", int8, plan.int8_batches))
     rows: list[Row] = []
+    raw["parts_ms"] = {name: await asyncio.to_thread(parts, paths, fp32) for name, paths in sets.items()}
     ort_medians: dict[str, dict[tuple[int, int], float]] = {}
     for label, model, batches in variants:
         tensors = root / f"{model.stem}.npy"
@@ -495,6 +564,7 @@ async def run_case(quick: bool, repeats: int | None, scratch: Path) -> tuple[lis
         raw[label] = result
         rows += _variant_rows(label, result, plan, batches, full=plan.blocks == 12)
         ort_medians[label] = {(int(s), int(b)): median(v) for s, per in result["ort"].items() for b, v in per.items()}
+    rows += _parts_rows(raw, variants[0][0], plan)
     if why_not is None:
         (_fp_label, fp), (q_label, q) = ort_medians.items()
         for key, value in q.items():

@@ -7,8 +7,9 @@ Every stored embedding is L2-normalised (discovery_worker/hashing.py), so the co
 - where the `vector` extension is installed (migration 0008; the embedded pgserver ships it), by
   pgvector's `<=>` on `embedding::vector(D)`; a search over every image may use the workers' HNSW
   index of that dimension (`ix_image_assets_embedding_hnsw_D`, imagetraining/vectors.py), and
-  says so (`exact` false). A session's search stays exact: it filters by the session's jobs, which
-  an approximate index would apply after its candidate list and so could return fewer than k.
+  says so (`exact` false), unless the request asks for `exact`. A session's search stays exact: it
+  filters by the session's jobs, which an approximate index would apply after its candidate list
+  and so could return fewer than k.
 
 Before searching, the images in scope are grouped by the trainer that made them (name, version,
 model digest, dimension): none with an embedding is FAILED_PRECONDITION `EMBEDDING`, more than one
@@ -170,7 +171,7 @@ class Search:
             pgvector = (await conn.execute(_HAS_PGVECTOR)).first() is not None
             exact = True
             if pgvector:
-                if not scoped:
+                if not scoped and not request.exact:
                     name = hnsw_index_name(model.dimension)
                     exact = (await conn.execute(_HAS_INDEX, {"name": name})).first() is None
                 sql = _pgvector(scoped, model.dimension)

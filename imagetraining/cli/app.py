@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="a trained image (absolute, or relative to the current directory)")
     p.add_argument("--session", metavar="SESSION", help="search this session's images only (default: every image)")
     p.add_argument("-k", type=int, default=10, metavar="N", help="how many (1..1000, default 10)")
+    p.add_argument("--exact", action="store_true", help="every distance computed, never the approximate index")
 
     p = add(commands, "train", cmd_train, "train every image under PATH: create, select, start and watch")
     p.add_argument(

@@ -282,7 +282,9 @@ def cmd_similar(ctx: Context) -> int:
     """The images most like PATH (a trained image), within one session (--session) or all."""
     a = ctx.args
     path = absolute(a.path)
-    request = tss.FindSimilarImagesRequest(path=path, k=a.k, session=session_name(a.session) if a.session else "")
+    request = tss.FindSimilarImagesRequest(
+        path=path, k=a.k, session=session_name(a.session) if a.session else "", exact=a.exact
+    )
     response: tss.FindSimilarImagesResponse = ctx.client.call("FindSimilarImages", request)
     if ctx.json:
         output.print_json(ctx.out, response)

@@ -60,12 +60,17 @@ class FindSimilarImagesRequest(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     VECTOR_FIELD_NUMBER: _builtins.int
     K_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     """"sessions/{id}": search that session's completed images. Empty: every trained image."""
     path: _builtins.str
     """Absolute path of a trained image in scope; its stored embedding is the query."""
     k: _builtins.int
     """How many results; 1..1000, 0 means 10."""
+    exact: _builtins.bool
+    """True: compute every candidate's distance even where an approximate index exists (slower over
+    many images; a session's search is always exact).
+    """
     @_builtins.property
     def vector(self) -> Global___QueryVector:
         """A query vector of the model's dimension (see Session.trainer.embedding_dimension)."""
@@ -77,10 +82,11 @@ class FindSimilarImagesRequest(_message.Message):
         path: _builtins.str = ...,
         vector: Global___QueryVector | None = ...,
         k: _builtins.int = ...,
+        exact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "query", b"query", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "path", b"path", "query", b"query", "session", b"session", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact", b"exact", "k", b"k", "path", b"path", "query", b"query", "session", b"session", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["path", "vector"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015

@@ -355,7 +355,10 @@ class TrainingSessionServiceServicer:
         every trained image when `session` is empty. One search never mixes two models: every image in
         scope must have been trained by one trainer (name, version and model digest).
         Exact on every PostgreSQL; where the pgvector extension is installed the distances are computed
-        by it, and an HNSW index is used for searches over every image (`exact` false in the response).
+        by it, and an HNSW index is used for searches over every image (`exact` false in the response)
+        unless the request asks for `exact`. The index's recall depends on the data: on embeddings with
+        neighbourhoods (a photo library's) it finds nearly all of the true ten, on structureless random
+        vectors far fewer (docs/performance.md, case 9).
         Limits: `k` 1..1000 (default 10); a vector of at most 4096 finite values, not all zero.
         Errors: INVALID_ARGUMENT (malformed session name or path, a path outside the library roots, k
         out of range, a vector of the wrong dimension or not finite or zero, neither or both of path

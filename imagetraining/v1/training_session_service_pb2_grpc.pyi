@@ -175,7 +175,10 @@ class TrainingSessionServiceStub:
     every trained image when `session` is empty. One search never mixes two models: every image in
     scope must have been trained by one trainer (name, version and model digest).
     Exact on every PostgreSQL; where the pgvector extension is installed the distances are computed
-    by it, and an HNSW index is used for searches over every image (`exact` false in the response).
+    by it, and an HNSW index is used for searches over every image (`exact` false in the response)
+    unless the request asks for `exact`. The index's recall depends on the data: on embeddings with
+    neighbourhoods (a photo library's) it finds nearly all of the true ten, on structureless random
+    vectors far fewer (docs/performance.md, case 9).
     Limits: `k` 1..1000 (default 10); a vector of at most 4096 finite values, not all zero.
     Errors: INVALID_ARGUMENT (malformed session name or path, a path outside the library roots, k
     out of range, a vector of the wrong dimension or not finite or zero, neither or both of path
@@ -332,7 +335,10 @@ class TrainingSessionServiceAsyncStub(TrainingSessionServiceStub):
     every trained image when `session` is empty. One search never mixes two models: every image in
     scope must have been trained by one trainer (name, version and model digest).
     Exact on every PostgreSQL; where the pgvector extension is installed the distances are computed
-    by it, and an HNSW index is used for searches over every image (`exact` false in the response).
+    by it, and an HNSW index is used for searches over every image (`exact` false in the response)
+    unless the request asks for `exact`. The index's recall depends on the data: on embeddings with
+    neighbourhoods (a photo library's) it finds nearly all of the true ten, on structureless random
+    vectors far fewer (docs/performance.md, case 9).
     Limits: `k` 1..1000 (default 10); a vector of at most 4096 finite values, not all zero.
     Errors: INVALID_ARGUMENT (malformed session name or path, a path outside the library roots, k
     out of range, a vector of the wrong dimension or not finite or zero, neither or both of path
@@ -588,7 +594,10 @@ class TrainingSessionServiceServicer(metaclass=_abc_1.ABCMeta):
         every trained image when `session` is empty. One search never mixes two models: every image in
         scope must have been trained by one trainer (name, version and model digest).
         Exact on every PostgreSQL; where the pgvector extension is installed the distances are computed
-        by it, and an HNSW index is used for searches over every image (`exact` false in the response).
+        by it, and an HNSW index is used for searches over every image (`exact` false in the response)
+        unless the request asks for `exact`. The index's recall depends on the data: on embeddings with
+        neighbourhoods (a photo library's) it finds nearly all of the true ten, on structureless random
+        vectors far fewer (docs/performance.md, case 9).
         Limits: `k` 1..1000 (default 10); a vector of at most 4096 finite values, not all zero.
         Errors: INVALID_ARGUMENT (malformed session name or path, a path outside the library roots, k
         out of range, a vector of the wrong dimension or not finite or zero, neither or both of path

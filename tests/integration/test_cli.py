@@ -452,5 +452,8 @@ async def test_similar_lists_the_nearest_images(
     code, out, err = await cli(control, "similar", query, "-k", "2")
     assert code == 0, err
     assert "p1_small.jpg" in out and "p1_q60.jpg" in out and "cosine distance, " in out
+    document = await cli_json(control, "similar", query, "-k", "2", "--exact")
+    assert document["exact"] is True  # every image, never the approximate index
+    assert {r["path"] for r in document["results"]} == {str(library / "a" / f"p1_{n}.jpg") for n in ("small", "q60")}
     code, _out, err = await cli(control, "similar", str(library / "a" / "missing.jpg"))
     assert code == 2 and "is not a trained image" in err

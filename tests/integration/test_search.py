@@ -227,6 +227,9 @@ async def test_search_over_every_image_uses_the_workers_index_where_pgvector_is(
     q = vectors[str(query)]
     truth = sorted((1 - float(q @ v), p) for p, v in vectors.items() if p != str(query))[:5]
     assert [r.path for r in response.results] == [p for _d, p in truth]
+    # Asked for, the exact answer even where the index exists.
+    exact = await stub.FindSimilarImages(api.FindSimilarImagesRequest(path=str(query), k=5, exact=True))
+    assert exact.exact and [r.path for r in exact.results] == [p for _d, p in truth]
 
 
 async def test_a_failed_index_build_is_neither_used_nor_kept(

@@ -20,7 +20,7 @@ log = logging.getLogger("control_service")
 
 
 async def run(settings: Settings) -> None:
-    db = Database.connect(await startup.reach_database(settings, log))
+    db = Database.connect(await startup.reach_database(settings, log), custom_plans=True)
     try:
         await startup.migrate(db, settings)
         try:

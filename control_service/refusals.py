@@ -82,7 +82,7 @@ def concurrent_change(session_id: int | None, call: str) -> Aborted:
 
 # How long a write waits for the session row's lock before answering UNAVAILABLE (retry): a worker
 # commits its batches in well under this, and one that froze in the middle of a write is cut off by
-# PostgreSQL within its idle-in-transaction timeout (discovery_worker.worker.worker_idle_timeout).
+# PostgreSQL within its idle-in-transaction timeout (discovery_worker.claims.worker_idle_timeout).
 LOCK_WAIT_SECONDS = 5.0
 # A request with a deadline waits at most this long before its deadline, so the answer still reaches it.
 LOCK_WAIT_MARGIN_SECONDS = 0.3

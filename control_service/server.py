@@ -86,7 +86,7 @@ async def serve(
     Migrations are not applied here (the process entry point does that once at start), so tests and
     embedders decide. Without `database`, one is connected from the settings (embedded if unset).
     """
-    db = database or Database.connect(await resolve_url(settings))
+    db = database or Database.connect(await resolve_url(settings), custom_plans=True)
     sessions = SessionUseCases(db, settings)
     relay: Relay | None = None
     encode: Encoder = watch_response

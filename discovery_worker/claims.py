@@ -17,7 +17,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -26,6 +26,9 @@ from imagetraining import transitions
 from imagetraining.db.engine import Database
 from imagetraining.notifications import notify
 from imagetraining.vectors import Provenance
+
+if TYPE_CHECKING:
+    from imagetraining.settings import Settings
 
 ACTIVE = ("discovering", "running")
 
@@ -109,6 +112,44 @@ async def reserve_sequences(db: Database, claim: Claim) -> int:
     if row is None:
         raise LookupError("lease lost: no more sequences reserved")
     return int(row.event_sequence)
+
+
+def worker_idle_timeout(settings: Settings) -> float:
+    """How long PostgreSQL lets one of this worker's transactions sit idle before ending it.
+
+    Half the lease (at least 2 s): a worker frozen inside a fenced write loses its row lock before
+    its lease runs out, so another worker can take the session over at lease expiry.
+    """
+    return max(2.0, settings.lease_seconds / 2)
+
+
+# The application_name of the workers' connections, so that one worker can find another's.
+WORKER_APPLICATION = "imagetraining-worker"
+
+# A worker frozen (SIGSTOP, a stalled VM) inside a transaction usually leaves its backend idle in
+# that transaction, and idle_in_transaction_session_timeout ends it. But asyncpg prepares a statement
+# with Parse/Describe/Flush, no Sync: frozen between that and the Bind that follows, the backend
+# stays `active` in ClientRead without having said ReadyForQuery, so no timeout of PostgreSQL's
+# applies (15 and 16 have no transaction_timeout) and the transaction's row locks stay for as long
+# as the worker is frozen. Seen in CI: a frozen helper held the session row for two minutes, and
+# every heartbeat and chunk of the session failed on its lock timeout. This ends such a backend of a
+# worker once it has waited for its client longer than the idle timeout would have allowed.
+_REAP_STUCK = text(
+    """
+    SELECT pid, pg_terminate_backend(pid) AS ended FROM pg_stat_activity
+     WHERE datname = current_database() AND application_name = :app AND pid <> pg_backend_pid()
+       AND state = 'active' AND wait_event = 'ClientRead' AND xact_start IS NOT NULL
+       AND state_change < clock_timestamp() - make_interval(secs => :seconds)
+    """
+)
+
+
+async def reap_stuck_clients(db: Database, seconds: float) -> list[int]:
+    """End the backends of workers stuck mid-statement in a transaction for over `seconds` (see
+    _REAP_STUCK); the pids ended. Run when a lease statement fails on its lock timeout."""
+    async with db.reads.connect() as conn:
+        rows = (await conn.execute(_REAP_STUCK, {"app": WORKER_APPLICATION, "seconds": seconds})).all()
+    return [int(r.pid) for r in rows if r.ended]
 
 
 async def heartbeat(db: Database, claim: Claim, lease_seconds: float) -> bool:

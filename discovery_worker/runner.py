@@ -127,12 +127,28 @@ class SessionRunner:
             except Exception as exc:  # database away: keep trying; the lease lapses if it stays away
                 metrics.database_error(exc)
                 self._hb_warnings.warn("%s: heartbeat failed: %s", self.name, faults.describe(exc))
+                if faults.sqlstate(exc) == "55P03":  # behind a row lock: maybe a frozen worker's (claims.py)
+                    await self._reap_stuck_clients()
                 continue
             self._hb_warnings.clear()
             if not alive:
                 metrics.LEASE_LOSSES.labels(lease="session").inc()
                 self.stop.set("lease lost")
                 return
+
+    async def _reap_stuck_clients(self) -> None:
+        try:
+            ended = await claims.reap_stuck_clients(self.worker.db, claims.worker_idle_timeout(self.worker.settings))
+        except Exception as exc:  # e.g. not allowed to end another role's backend: the lease logic goes on
+            log.debug("%s: could not look for stuck workers: %s", self.name, faults.describe(exc))
+            return
+        if ended:
+            log.warning(
+                "%s: ended %d database connection(s) of a worker frozen mid-statement, holding this session's row: %s",
+                self.name,
+                len(ended),
+                ended,
+            )
 
     async def _watch(self) -> None:
         while True:

@@ -25,7 +25,7 @@ import asyncpg
 from sqlalchemy import text
 
 from discovery_worker import claims
-from discovery_worker.claims import Claim, RunObserver
+from discovery_worker.claims import Claim, RunObserver, worker_idle_timeout
 from discovery_worker.helpers import Helper
 from discovery_worker.pool import TrainingPool
 from discovery_worker.runner import SessionRunner, ThrottledLog
@@ -55,15 +55,6 @@ _ANNOUNCE_TRAINER = text(
            announced_at = now()
     """
 )
-
-
-def worker_idle_timeout(settings: Settings) -> float:
-    """How long PostgreSQL lets one of this worker's transactions sit idle before ending it.
-
-    Half the lease (at least 2 s): a worker frozen inside a fenced write loses its row lock before
-    its lease runs out, so another worker can take the session over at lease expiry.
-    """
-    return max(2.0, settings.lease_seconds / 2)
 
 
 def worker_lock_timeout(settings: Settings) -> float:
@@ -321,6 +312,7 @@ async def run_worker(
         custom_plans=True,
         lock_timeout=worker_lock_timeout(settings),
         idle_in_transaction_timeout=worker_idle_timeout(settings),
+        application_name=claims.WORKER_APPLICATION,
     )
     try:
         if migrate:

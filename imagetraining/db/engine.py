@@ -102,9 +102,10 @@ class Database:
         *,
         pool_size: int = 10,
         max_overflow: int = 20,
-        custom_plans: bool = True,
+        custom_plans: bool = False,
         lock_timeout: float | None = None,
         idle_in_transaction_timeout: float | None = None,
+        application_name: str | None = None,
     ) -> Database:
         """A pool of connections with the server-side limits of the process that uses them.
 
@@ -122,7 +123,7 @@ class Database:
         transactions are a few statements sent back to back.
 
         `custom_plans`: plan every execution with its parameters and the tables' current size (both
-        services; False only for a caller that measures the difference).
+        services set it; tests and benchmarks that only read and write rows leave it off).
 
         asyncpg prepares each statement once per connection, and after five executions PostgreSQL may
         keep a generic plan made while a table was still small, whatever the tables grow to later:
@@ -135,6 +136,8 @@ class Database:
         Planning costs well under a millisecond for these statements.
         """
         server_settings: dict[str, str] = {}
+        if application_name:  # pg_stat_activity tells the worker's connections apart (claims.reap_stuck_clients)
+            server_settings["application_name"] = application_name
         if custom_plans:
             server_settings["plan_cache_mode"] = "force_custom_plan"
         if lock_timeout is not None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy import text as sql
 
 from discovery_worker import claims
 from discovery_worker.claims import FenceLost, RunContext, StopSignal
 from discovery_worker.recorder import DiscoveryTotals, write_batch
 from discovery_worker.walker import WalkBatch
 from discovery_worker.worker import run_worker
-from imagetraining.db.engine import Database
+from imagetraining.db.engine import Database, to_libpq_url
 from imagetraining.settings import Settings
 from imagetraining.walk import FoundFile
 from tests import worker_support as ws
@@ -153,3 +157,65 @@ async def test_two_workers_share_sessions_each_processed_once(
         assert len(jobs) == per_session and {j["attempts"] for j in jobs} == {1}
     owners = await ws.scalar(clean_db, "SELECT count(DISTINCT owner_address) FROM training_sessions")
     assert owners == 0  # every lease handed back
+
+
+async def test_a_worker_frozen_between_prepare_and_bind_does_not_hold_the_session_for_ever(
+    clean_db: Database, make_settings: Callable[..., Settings], library: Path
+) -> None:
+    """asyncpg prepares with Parse/Describe/Flush (no Sync): a worker frozen right after it, inside a
+    transaction, leaves its backend `active` in ClientRead, where PostgreSQL's idle-in-transaction
+    timeout never fires, holding the session row (CI saw a frozen helper hold it for two minutes).
+    The owner's heartbeat, failing on that lock, ends such a backend (claims.reap_stuck_clients) and
+    the session finishes."""
+    for i in range(30):
+        write_jpeg(library / "a" / f"{i:02d}.jpg", 40, 30, seed=i)
+    settings = make_settings(pool_size=1, trainer="tests.trainers:SlowTrainer")
+    handle = await run_worker(settings, migrate=False)
+    frozen = await asyncpg.connect(
+        to_libpq_url(clean_db.url),
+        server_settings={
+            "application_name": claims.WORKER_APPLICATION,
+            "idle_in_transaction_session_timeout": "2s",  # what a worker's connections have
+        },
+    )
+    try:
+        sid = await ws.start_session(clean_db, library, [library / "a"])
+
+        async def training() -> bool:
+            row = await ws.session(clean_db, sid)
+            return row["state"] == "running" and row["processed_images"] > 0
+
+        await wait_for(training, timeout=60, what="training to start")
+        pid = await frozen.fetchval("SELECT pg_backend_pid()")
+        transaction = frozen.transaction()
+        await transaction.start()
+        await frozen.execute("SELECT 1 FROM training_sessions WHERE id = $1 FOR UPDATE", sid)
+        await frozen.prepare("SELECT 2")  # Parse/Describe/Flush; the Bind that would follow never comes
+
+        async def activity() -> tuple[str, str] | None:
+            async with clean_db.reads.connect() as conn:
+                row = (
+                    await conn.execute(
+                        sql("SELECT state, wait_event FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+                    )
+                ).first()
+            return None if row is None else (str(row.state), str(row.wait_event))
+
+        assert await activity() == ("active", "ClientRead")  # not idle: PostgreSQL's timeout cannot end it
+
+        async def ended() -> bool:
+            return await activity() is None
+
+        await wait_for(ended, timeout=30, what="the frozen connection to be ended by the owner")
+        row = await wait_for(
+            lambda: _state_in(clean_db, sid, ("completed", "failed")), timeout=60, what="the session to finish"
+        )
+        assert row["state"] == "completed" and row["processed_images"] == 30
+    finally:
+        frozen.terminate()
+        await handle.stop()
+
+
+async def _state_in(db: Database, sid: int, states: tuple[str, ...]) -> dict[str, Any] | None:
+    row = await ws.session(db, sid)
+    return row if row["state"] in states else None

@@ -211,20 +211,25 @@ class Feed:
         self._publish(candidate)
 
     def _restated(self, event: pb.SessionEvent) -> pb.SessionEvent:
-        """An owner's STATE_CHANGE that subscribers were already told (from the row, or by the owner
-        before a takeover) becomes a progress message: each transition is announced once."""
+        """An owner's event, kind set by what subscribers were told, so each transition is announced
+        exactly once whoever saw it first: a STATE_CHANGE they were already told (from the row, or by
+        the owner before a takeover) becomes a progress message, and a progress message in a state
+        they were not told becomes the STATE_CHANGE. The second case: a worker that claims a session
+        just resumed by a client starts its stream in RUNNING with progress, and when it claims
+        before the relay has read the row, the row's STATE_CHANGE is never published."""
         latest = self.fanout.latest
-        if (
-            event.kind == pb.EVENT_KIND_STATE_CHANGE
-            and latest is not None
-            and latest.state == event.state
-            and latest.state_reason == event.state_reason
-        ):
+        if latest is None:
+            return event
+        told = latest.state == event.state and latest.state_reason == event.state_reason
+        progress = (pb.EVENT_KIND_DISCOVERY_PROGRESS, pb.EVENT_KIND_TRAINING_PROGRESS)
+        if event.kind == pb.EVENT_KIND_STATE_CHANGE and told:
             event.kind = (
                 pb.EVENT_KIND_DISCOVERY_PROGRESS
                 if event.state == pb.SESSION_STATE_DISCOVERING
                 else pb.EVENT_KIND_TRAINING_PROGRESS
             )
+        elif event.kind in progress and not told:
+            event.kind = pb.EVENT_KIND_STATE_CHANGE
         return event
 
     def _heartbeat_due(self) -> bool:

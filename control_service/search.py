@@ -32,7 +32,7 @@ from imagetraining.names import session_name
 from imagetraining.paths import check_form, is_within
 from imagetraining.v1 import resources_pb2 as pb
 from imagetraining.v1 import training_session_service_pb2 as api
-from imagetraining.vectors import Provenance, hnsw_ef_search, hnsw_index_name, valid_index_query
+from imagetraining.vectors import HAS_PGVECTOR, Provenance, hnsw_ef_search, hnsw_index_name, valid_index_query
 
 DEFAULT_K = 10
 MAX_K = 1000
@@ -65,7 +65,7 @@ _DIMENSION = text(
     """
 )
 _SESSION_EXISTS = text("SELECT 1 FROM training_sessions WHERE id = :id")
-_HAS_PGVECTOR = text("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
+_HAS_PGVECTOR = text(HAS_PGVECTOR)
 _HAS_INDEX = text(valid_index_query(":name"))
 
 _SAME_MODEL = (

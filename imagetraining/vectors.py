@@ -72,6 +72,10 @@ def hnsw_index_statement(dimension: int) -> str:
     )
 
 
+# A row where the pgvector extension is installed in this database.
+HAS_PGVECTOR = "SELECT 1 FROM pg_extension WHERE extname = 'vector'"
+
+
 def valid_index_query(placeholder: str) -> str:
     """SQL that returns a row when the named index exists and is valid. A CONCURRENTLY build that
     failed or was cut off leaves an invalid index behind, which the planner never uses: it must
@@ -97,7 +101,7 @@ async def build_hnsw_index(conn: Any, dimension: int) -> bool:
     older transactions; the graph should fit in memory), so give it a connection of its own.
     """
     name = hnsw_index_name(dimension)
-    if await conn.fetchval("SELECT 1 FROM pg_extension WHERE extname = 'vector'") is None:
+    if await conn.fetchval(HAS_PGVECTOR) is None:
         return False
     if await conn.fetchval(valid_index_query("$1"), name):
         return False
